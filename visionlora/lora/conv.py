@@ -1,0 +1,63 @@
+"""LoRA for ``nn.Conv2d`` and every subclass timm uses (``Conv2dSame``, ``StdConv2d``, ``ScaledStdConv2d``, ...).
+
+The update is defined on the weight, ΔW ∈ R^{out × in/groups × kh × kw}, so the adapted layer is exactly the base
+layer with weight W + ΔW, whatever its kernel, stride, padding, dilation, padding mode or weight transform:
+
+* Weight-standardised convs (Qiao et al. 2019; used by BiT/ResNetV2, NFNets) standardise their weight inside
+  ``forward``. Adding ΔW *before* the standardisation makes merging exact: the merged layer standardises W + ΔW
+  just as the adapted one did. An activation-space branch beside the conv (PEFT's design) cannot be merged there.
+* Grouped and depthwise convs get block-diagonal factors: group g has its own A_g ∈ R^{r×(in_g·kh·kw)} and
+  B_g ∈ R^{out_g×r}, so ΔW keeps the grouped layout and any r works (no "r divisible by groups" restriction).
+
+Stored in PEFT's conv layout: A is (groups·r, in/groups, kh, kw) and B is (out, r, 1, 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .layer import Factors, LoraLayer, new_factor
+
+
+class LoraConv2d(LoraLayer):
+    """A wrapped 2-D convolution with ΔW = scale · blockdiag_g(B_g·A_g)."""
+
+    def __init__(self, base_layer: nn.Conv2d, rank: int, scale: float, dropout: float = 0.0, use_dora: bool = False,
+                 form: str = "auto") -> None:
+        super().__init__(base_layer, scale, dropout, use_dora, form)
+        weight = base_layer.weight
+        groups = base_layer.groups
+        self.lora_A = new_factor(groups * rank, *weight.shape[1:], like=weight)
+        self.lora_B = new_factor(weight.shape[0], rank, 1, 1, like=weight)
+        self.rank = rank
+        self.groups = groups
+
+    @property
+    def supports_activation_form(self) -> bool:
+        # Only a plain Conv2d is linear in its weight with no transform, so only it splits into conv(x,W)+conv(x,ΔW).
+        return type(self.base_layer) is nn.Conv2d
+
+    def prefers_weight_form(self) -> bool:
+        # On CPU (and for small r on most devices) a k×k conv with r output channels followed by a 1×1 conv runs far
+        # slower than one conv with W + ΔW: benchmarks/bench_train_step.py measures both.
+        return True
+
+    def factors(self) -> list[Factors]:
+        return [Factors(self.lora_A, self.lora_B, slice(None), groups=self.groups, rank=self.rank)]
+
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def activation_delta(self, x: torch.Tensor) -> torch.Tensor:
+        # The base layer's own padding/stride/dilation/groups, with A as the weight: conv(x, A) has groups·r channels.
+        hidden = self.base_layer._conv_forward(x, self.lora_A, None)
+        return F.conv2d(hidden, self.lora_B * self.scale, groups=self.groups)
+
+    def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if type(self.base_layer) is nn.Conv2d:
+            return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+        # Subclasses transform the weight in forward (standardisation, same-padding): run it with W + ΔW.
+        return functional_call(self.base_layer, {"weight": weight}, (x,))

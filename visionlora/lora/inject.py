@@ -1,0 +1,141 @@
+"""Put LoRA layers into a model in place, and freeze everything else.
+
+The model keeps its own class (a timm model stays a timm model): each target module is replaced by a wrapper
+that holds the original as ``base_layer``. All wrappers are built before any is swapped in, so a failure leaves
+the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .config import LoraConfig
+from .conv import LoraConv2d
+from .layer import LoraLayer
+from .linear import LoraFusedQKV, LoraLinear
+from .mha import LoraMultiheadAttention
+from .targets import LayerSpec, find_head_path, find_trainable_paths, specs_from_config
+
+STATE_ATTR = "_visionlora_state"
+
+
+@dataclass
+class LoraState:
+    """What :func:`inject_lora` did to a model: kept on the model so save/unload can undo or export it."""
+
+    config: LoraConfig
+    specs: list[LayerSpec]
+    trainable_paths: list[str]
+    bn_hooks: list[RemovableHandle] = field(default_factory=list)
+
+
+def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Wrap the modules ``config.targets`` selects with LoRA layers and freeze the rest, in place.
+
+    Args:
+        model: Any ``nn.Module``; timm models also get their classifier head (``get_classifier()``) trained.
+        config: What to adapt and how.
+
+    Returns:
+        The same model object, adapted. Only LoRA parameters (``lora_*``), the head and ``config.trainable``
+        modules require grad afterwards.
+    """
+    config.validate()
+    if lora_state(model) is not None or any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise ValueError("model already has LoRA layers: call unload_lora(model) before injecting again")
+    specs = specs_from_config(model, config)
+    layers = build_layers(model, specs)
+    for layer in layers.values():
+        layer.initialize(config.init)
+    attach(model, layers, config, specs)
+    return model
+
+
+def build_layers(model: nn.Module, specs: list[LayerSpec]) -> dict[str, LoraLayer]:
+    """Build (but do not attach) one LoRA wrapper per spec."""
+    modules = dict(model.named_modules())
+    layers = {}
+    for spec in specs:
+        if spec.path not in modules:
+            raise ValueError(f"adapter names module {spec.path!r}, which the model does not have")
+        layers[spec.path] = build_layer(modules[spec.path], spec)
+    return layers
+
+
+def build_layer(module: nn.Module, spec: LayerSpec) -> LoraLayer:
+    """One wrapper for ``module`` as ``spec`` describes; raises ValueError naming the module on a mismatch."""
+    expected = {"linear": nn.Linear, "qkv": nn.Linear, "conv": nn.Conv2d, "mha": nn.MultiheadAttention}[spec.kind]
+    if not isinstance(module, expected):
+        raise ValueError(f"{spec.path} is a {type(module).__name__}, but the adapter expects a {expected.__name__}")
+    common = dict(rank=spec.rank, scale=spec.scale, form=spec.form)
+    try:
+        if spec.kind == "linear":
+            return LoraLinear(module, dropout=spec.dropout, use_dora=spec.use_dora, **common)
+        if spec.kind == "qkv":
+            return LoraFusedQKV(module, slices=spec.slices, dropout=spec.dropout, use_dora=spec.use_dora, **common)
+        if spec.kind == "conv":
+            return LoraConv2d(module, dropout=spec.dropout, use_dora=spec.use_dora, **common)
+        if spec.use_dora or spec.dropout:
+            raise ValueError("DoRA and LoRA dropout are not supported for nn.MultiheadAttention")
+        return LoraMultiheadAttention(module, slices=spec.slices, adapt_out_proj=spec.adapt_out_proj, **common)
+    except ValueError as err:
+        raise ValueError(f"{spec.path}: {err}") from None
+
+
+def attach(model: nn.Module, layers: dict[str, LoraLayer], config: LoraConfig, specs: list[LayerSpec]) -> None:
+    """Swap the wrappers in, then freeze everything but LoRA, the head and ``config.trainable``."""
+    for path, layer in layers.items():
+        _set_submodule(model, path, layer)
+    head = find_head_path(model) if config.train_head else None
+    trainable = [p for p in [head, *find_trainable_paths(model, config.trainable)] if p]
+    state = LoraState(config=config, specs=specs, trainable_paths=trainable)
+    setattr(model, STATE_ATTR, state)
+    freeze_for_lora(model, state)
+
+
+def freeze_for_lora(model: nn.Module, state: LoraState) -> None:
+    """requires_grad only on LoRA parameters, trainable modules and (optionally) norms; freeze BN statistics."""
+    for hook in state.bn_hooks:
+        hook.remove()
+    state.bn_hooks.clear()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.rpartition(".")[2].startswith("lora_"))
+    modules = dict(model.named_modules())
+    for path in state.trainable_paths:
+        modules[path].requires_grad_(True)
+    for path, module in modules.items():
+        if _is_norm(module) and state.config.train_norms:
+            module.requires_grad_(True)
+        trained_fully = any(path == p or path.startswith(p + ".") for p in state.trainable_paths)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and state.config.freeze_bn_stats and not trained_fully:
+            state.bn_hooks.append(module.register_forward_pre_hook(_keep_bn_in_eval))
+
+
+def lora_state(model: nn.Module) -> LoraState | None:
+    """The :class:`LoraState` that :func:`inject_lora` left on ``model``, or None."""
+    return getattr(model, STATE_ATTR, None)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """Every LoRA wrapper in ``model`` by path."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _keep_bn_in_eval(module: nn.Module, _inputs) -> None:
+    # A frozen backbone's BatchNorm uses and keeps its pretrained running statistics even in train mode
+    # (as detectron2's FrozenBatchNorm2d does); few-shot batches are too small to estimate them.
+    module.training = False
+
+
+def _is_norm(module: nn.Module) -> bool:
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    return isinstance(module, norm_types) or type(module).__name__.endswith("Norm")
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)

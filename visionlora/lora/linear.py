@@ -1,0 +1,114 @@
+"""LoRA for ``nn.Linear`` and for fused qkv projections with per-slice (q, k, v) factors.
+
+Hu et al. (2021, arXiv:2106.09685, section 7.1) adapt W_q and W_v of every attention layer. timm's ViTs fuse the
+three projections into one ``attn.qkv`` Linear of 3·dim outputs, so a library that treats ``qkv`` as one matrix
+cannot express that setting. :class:`LoraFusedQKV` gives each chosen slice its own A and B and writes the merged
+update back into the native ``qkv.weight``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer import Factors, LoraLayer, new_factor
+
+
+class LoraLinear(LoraLayer):
+    """y = x·Wᵀ + b + scale · x·Aᵀ·Bᵀ for a wrapped ``nn.Linear``."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, scale: float, dropout: float = 0.0, use_dora: bool = False,
+                 form: str = "auto") -> None:
+        super().__init__(base_layer, scale, dropout, use_dora, form)
+        weight = base_layer.weight
+        self.lora_A = new_factor(rank, base_layer.in_features, like=weight)
+        self.lora_B = new_factor(base_layer.out_features, rank, like=weight)
+        self.rank = rank
+
+    def factors(self) -> list[Factors]:
+        return [Factors(self.lora_A, self.lora_B, slice(None), groups=1, rank=self.rank)]
+
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def activation_delta(self, x: torch.Tensor) -> torch.Tensor:
+        # Scaling the r×out factor is cheaper than scaling the N×out output.
+        return F.linear(F.linear(x, self.lora_A), self.lora_B * self.scale)
+
+    def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
+
+
+class QKVSlices(nn.Module):
+    """Per-slice factors for a fused (q, k, v) projection whose output rows are [q; k; v], each ``dim`` long.
+
+    Shared by :class:`LoraFusedQKV` and the MultiheadAttention wrapper (its ``in_proj_weight``).
+    """
+
+    def __init__(self, in_features: int, dim: int, slices: str, rank: int, like: torch.Tensor) -> None:
+        super().__init__()
+        if set(slices) - set("qkv"):
+            raise ValueError(f"qkv slices must be a subset of 'qkv', got {slices!r}")
+        self.slices = "".join(s for s in "qkv" if s in slices)
+        self.dim = dim
+        self.rank = rank
+        for name in self.slices:
+            setattr(self, f"lora_A_{name}", new_factor(rank, in_features, like=like))
+            setattr(self, f"lora_B_{name}", new_factor(dim, rank, like=like))
+
+    def factors(self) -> list[Factors]:
+        return [
+            Factors(getattr(self, f"lora_A_{n}"), getattr(self, f"lora_B_{n}"), self.rows(n), groups=1, rank=self.rank)
+            for n in self.slices
+        ]
+
+    def rows(self, name: str) -> slice:
+        start = "qkv".index(name) * self.dim
+        return slice(start, start + self.dim)
+
+    def stacked_A(self) -> torch.Tensor:
+        """All slices' A stacked: (rank·n_slices, in). One matmul projects x for every slice."""
+        return torch.cat([p.A for p in self.factors()], dim=0)
+
+    def block_B(self) -> torch.Tensor:
+        """(3·dim, rank·n_slices): slice n's B in its own rows and columns, zeros elsewhere.
+
+        With :meth:`stacked_A` this is a single rank-(rank·n_slices) LoRA on the fused weight that equals the
+        per-slice update exactly, which is how the update is exported in PEFT's layout.
+        """
+        total_rank = self.rank * len(self.slices)
+        pieces = []
+        for name in "qkv":
+            if name in self.slices:
+                column = self.slices.index(name) * self.rank
+                b = getattr(self, f"lora_B_{name}")
+                pieces.append(F.pad(b, (column, total_rank - column - self.rank)))
+            else:
+                pieces.append(self.factors()[0].B.new_zeros(self.dim, total_rank))
+        return torch.cat(pieces, dim=0)
+
+
+class LoraFusedQKV(LoraLayer):
+    """A fused ``qkv`` Linear where any subset of q, k and v has its own LoRA factors."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, scale: float, slices: str = "qkv", dropout: float = 0.0,
+                 use_dora: bool = False, form: str = "auto") -> None:
+        if base_layer.out_features % 3:
+            raise ValueError(f"fused qkv Linear needs out_features divisible by 3, got {base_layer.out_features}")
+        super().__init__(base_layer, scale, dropout, use_dora, form)
+        dim = base_layer.out_features // 3
+        self.lora_slices = QKVSlices(base_layer.in_features, dim, slices or "qkv", rank, base_layer.weight)
+        self.rank = rank
+
+    def factors(self) -> list[Factors]:
+        return self.lora_slices.factors()
+
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def activation_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_slices.stacked_A()), self.lora_slices.block_B() * self.scale)
+
+    def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
