@@ -86,7 +86,7 @@ class LoraLayer(nn.Module):
         needs_weight_form = self.use_dora or not self.supports_activation_form
         if needs_weight_form and self.lora_dropout is not None:
             kind = "DoRA" if self.use_dora else type(self.base_layer).__name__
-            raise ValueError(f"LoRA dropout needs the activation-space form, which {kind} layers do not have; set dropout=0")
+            raise ValueError(f"LoRA dropout needs the activation-space form, which {kind} layers lack; set dropout=0")
         if needs_weight_form:
             return True
         if form == "auto":
