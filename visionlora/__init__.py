@@ -6,12 +6,25 @@ Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106
 from .lora import (
     LoraConfig,
     inject_lora,
+    load_adapter,
     lora_layers,
+    lora_summary,
     merge_lora,
+    save_adapter,
     unload_lora,
     unmerge_lora,
 )
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "inject_lora", "lora_layers", "merge_lora", "unload_lora", "unmerge_lora"]
+__all__ = [
+    "LoraConfig",
+    "inject_lora",
+    "load_adapter",
+    "lora_layers",
+    "lora_summary",
+    "merge_lora",
+    "save_adapter",
+    "unload_lora",
+    "unmerge_lora",
+]

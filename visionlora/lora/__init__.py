@@ -1,5 +1,6 @@
 """The LoRA engine: config, layers, injection, merge and adapter I/O. Depends on torch and safetensors only."""
 
+from .adapter import load_adapter, save_adapter
 from .config import PRESETS, LoraConfig
 from .conv import LoraConv2d
 from .inject import inject_lora, lora_layers, lora_state
@@ -7,6 +8,7 @@ from .layer import LoraLayer
 from .linear import LoraFusedQKV, LoraLinear
 from .merge import merge_lora, unload_lora, unmerge_lora
 from .mha import LoraMultiheadAttention
+from .summary import LoraSummary, lora_summary
 
 __all__ = [
     "PRESETS",
@@ -16,10 +18,14 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "LoraMultiheadAttention",
+    "LoraSummary",
     "inject_lora",
+    "load_adapter",
+    "lora_summary",
     "lora_layers",
     "lora_state",
     "merge_lora",
+    "save_adapter",
     "unload_lora",
     "unmerge_lora",
 ]

@@ -85,12 +85,18 @@ def build_layer(module: nn.Module, spec: LayerSpec) -> LoraLayer:
         raise ValueError(f"{spec.path}: {err}") from None
 
 
-def attach(model: nn.Module, layers: dict[str, LoraLayer], config: LoraConfig, specs: list[LayerSpec]) -> None:
-    """Swap the wrappers in, then freeze everything but LoRA, the head and ``config.trainable``."""
+def attach(model: nn.Module, layers: dict[str, LoraLayer], config: LoraConfig, specs: list[LayerSpec],
+           trainable: list[str] | None = None) -> None:
+    """Swap the wrappers in, then freeze everything but LoRA and the fully trained modules.
+
+    The fully trained modules are ``trainable`` paths when given (a loaded adapter says which), else the head and
+    the modules ``config.trainable`` matches.
+    """
     for path, layer in layers.items():
         _set_submodule(model, path, layer)
-    head = find_head_path(model) if config.train_head else None
-    trainable = [p for p in [head, *find_trainable_paths(model, config.trainable)] if p]
+    if trainable is None:
+        head = find_head_path(model) if config.train_head else None
+        trainable = [p for p in [head, *find_trainable_paths(model, config.trainable)] if p]
     state = LoraState(config=config, specs=specs, trainable_paths=trainable)
     setattr(model, STATE_ATTR, state)
     freeze_for_lora(model, state)
