@@ -125,8 +125,10 @@ def _split_conv(layer: LoraLayer, tensors: dict, weight: torch.Tensor) -> dict[s
     in_per_group, kh, kw = weight.shape[1:]
     dense = tensors["lora_A.weight"].reshape(groups, rank, groups * in_per_group, kh, kw)
     blocks = [dense[g, :, g * in_per_group : (g + 1) * in_per_group] for g in range(groups)]
-    off_block = dense.abs().sum() - sum(block.abs().sum() for block in blocks)
-    if off_block > 0:
+    off_block = dense.clone()
+    for g in range(groups):
+        off_block[g, :, g * in_per_group : (g + 1) * in_per_group] = 0
+    if torch.count_nonzero(off_block):
         # PEFT's grouped-conv LoRA uses a dense A, whose update is not grouped and so cannot be merged.
         raise ValueError("grouped-conv lora_A mixes input groups; only block-diagonal (mergeable) updates load")
     lora_a = torch.stack(blocks).reshape(layer.lora_A.shape)
