@@ -29,10 +29,11 @@ class Factors:
     groups: int
     rank: int
 
-    def blocks(self) -> torch.Tensor:
-        """B_g·A_g for every group: (groups, rows_per_group, fan_in_per_group)."""
+    def blocks(self, scale: float = 1.0) -> torch.Tensor:
+        """scale·B_g·A_g for every group: (groups, rows_per_group, fan_in_per_group)."""
         a = self.A.reshape(self.groups, self.rank, -1)
-        b = self.B.reshape(self.groups, -1, self.rank)
+        # Scaling B (rows×r) is cheaper than scaling the rows×fan_in product.
+        b = self.B.reshape(self.groups, -1, self.rank) * scale
         return torch.bmm(b, a)
 
 
@@ -103,10 +104,14 @@ class LoraLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scale · B·A in the base weight's shape (block-diagonal per group, zero rows where not adapted)."""
         weight = self.base_weight()
+        pairs = self.factors()
+        if len(pairs) == 1 and pairs[0].rows == slice(None):
+            # The common case: one pair covers every row, so no zero-filled buffer is needed.
+            return pairs[0].blocks(self.scale).reshape(weight.shape)
         delta = weight.new_zeros(weight.shape[0], weight[0].numel())
-        for pair in self.factors():
-            delta[pair.rows] = pair.blocks().reshape(-1, delta.shape[1])
-        return (delta * self.scale).reshape(weight.shape)
+        for pair in pairs:
+            delta[pair.rows] = pair.blocks(self.scale).reshape(-1, delta.shape[1])
+        return delta.reshape(weight.shape)
 
     def adapted_weight(self) -> torch.Tensor:
         """W + ΔW, rescaled per output channel by DoRA's magnitude when enabled (Liu et al. 2024)."""
