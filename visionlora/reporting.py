@@ -1,0 +1,95 @@
+"""Plots and tables of a finished run: training curves, confusion matrix, and a results table for the terminal."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs write PNG files, nothing is shown
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Lightning's CSVLogger file as {metric: [(step, value), ...]} with empty cells skipped."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
+    """Loss (left) and accuracy (right) against the optimiser step."""
+    series = read_metrics_csv(metrics_csv)
+    figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, axis in (("train/loss", loss_axis), ("val/loss", loss_axis), ("train/acc", acc_axis),
+                      ("val/acc", acc_axis)):
+        if key in series:
+            steps, values = zip(*series[key], strict=True)
+            axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+    loss_axis.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    acc_axis.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    for axis in (loss_axis, acc_axis):
+        axis.grid(alpha=0.3)
+        if axis.has_data():
+            axis.legend()
+    return _save(figure, out_png)
+
+
+def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str], out_png: str | Path) -> Path:
+    """Row-normalised confusion matrix (rows: true class) with counts in the cells."""
+    confusion = np.asarray(confusion)
+    totals = confusion.sum(axis=1, keepdims=True).clip(min=1)
+    size = max(4.0, 0.45 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(confusion / totals, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, class_names)
+    axis.set(xlabel="predicted", ylabel="true", title="test confusion matrix")
+    if len(class_names) <= 30:
+        for (row, col), count in np.ndenumerate(confusion):
+            colour = "white" if confusion[row, col] / totals[row, 0] > 0.5 else "black"
+            axis.text(col, row, str(int(count)), ha="center", va="center", fontsize=8, color=colour)
+    return _save(figure, out_png)
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain-text table: one dict per row, floats to 4 significant places."""
+    columns = columns or list(rows[0])
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "" if value is None else str(value)
+
+
+def _save(figure, out_png: str | Path) -> Path:
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    handle, temporary = tempfile.mkstemp(dir=out_png.parent, suffix=".png")
+    os.close(handle)
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, out_png)
+    return out_png

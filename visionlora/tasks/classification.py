@@ -1,0 +1,183 @@
+"""Few-shot image classification as a LightningModule: a timm backbone adapted with LoRA (or fully, or linearly).
+
+Loss, metrics and optimiser groups live here; data loading does not (see ``visionlora.data``). LoRA follows Hu et
+al. 2021 (arXiv:2106.09685); LoRA+ (Hayou et al. 2024, arXiv:2402.12354) gives B a larger learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from visionlora.lora import LoraConfig, inject_lora, lora_state
+from visionlora.lora.targets import find_head_path
+from visionlora.models import create_backbone
+
+METHODS = ("lora", "full", "linear")
+
+
+class LoraClassifier(L.LightningModule):
+    """A timm classifier fine-tuned with LoRA (``method="lora"``), fully (``"full"``) or as a linear probe.
+
+    Args:
+        backbone: timm architecture name, e.g. ``vit_small_patch16_224``.
+        num_classes: Number of classes (linked from the data module by the CLI).
+        pretrained: Load timm's pretrained weights from the model hub.
+        pretrained_file: Local weights instead of the hub: a weights file, or ``local-dir:<folder>`` with timm's
+            config.json + model.safetensors (e.g. the bundled ``data/weights/vit_digits``).
+        model_args: Extra ``timm.create_model`` arguments (``img_size``, ``drop_path_rate``, ...).
+        method: ``lora`` (LoRA + head), ``full`` (every weight) or ``linear`` (head only).
+        lora: LoRA settings (used when ``method="lora"``).
+        lr: Learning rate of the LoRA parameters.
+        head_lr: Learning rate of the head and other fully trained modules (default: ``lr``).
+        backbone_lr: Learning rate of the backbone weights with ``method="full"`` (default: ``lr``).
+        lora_weight_decay: AdamW weight decay on the LoRA matrices.
+        head_weight_decay: AdamW weight decay on the head.
+        backbone_weight_decay: AdamW weight decay on backbone weights (``method="full"``).
+        loraplus_lr_ratio: LoRA+: B's learning rate is this many times A's (None: same).
+        warmup_fraction: Fraction of the steps spent in linear warmup before the cosine decay.
+        label_smoothing: Cross-entropy label smoothing.
+    """
+
+    def __init__(self, backbone: str = "vit_tiny_patch16_224", num_classes: int = 10, pretrained: bool = False,
+                 pretrained_file: str | None = None, model_args: dict | None = None, method: str = "lora",
+                 lora: LoraConfig | None = None, lr: float = 1e-3, head_lr: float | None = None,
+                 backbone_lr: float | None = None, lora_weight_decay: float = 0.01, head_weight_decay: float = 0.01,
+                 backbone_weight_decay: float = 0.05, loraplus_lr_ratio: float | None = None,
+                 warmup_fraction: float = 0.1, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        lora = lora or LoraConfig()
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams["lora"] = asdict(lora)
+        self.model = create_backbone(backbone, num_classes, pretrained, pretrained_file, model_args)
+        self.model_args = dict(model_args or {})
+        self._freeze_for(method, lora)
+        # Checkpoints hold only trained tensors; the frozen rest is rebuilt from the pretrained weights.
+        self.strict_loading = False
+        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.val_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.test_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.test_per_class = MulticlassAccuracy(num_classes, average=None)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+
+    def _freeze_for(self, method: str, lora: LoraConfig) -> None:
+        if method == "lora":
+            inject_lora(self.model, lora)
+        elif method == "linear":
+            head = find_head_path(self.model)
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(head is not None and name.startswith(head + "."))
+
+    # ----- steps --------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self.train_accuracy(logits, labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        self.val_accuracy(logits, labels)
+        self.val_f1(logits, labels)
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(labels))
+        self.log("val/acc", self.val_accuracy, prog_bar=True, batch_size=len(labels))
+        self.log("val/f1", self.val_f1, batch_size=len(labels))
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        for metric in (self.test_accuracy, self.test_f1, self.test_per_class, self.test_confusion):
+            metric.update(logits, labels)
+        self.log("test/acc", self.test_accuracy, batch_size=len(labels))
+        self.log("test/f1", self.test_f1, batch_size=len(labels))
+
+    def on_test_epoch_end(self) -> None:
+        per_class = self.test_per_class.compute()
+        for index, value in enumerate(per_class):
+            self.log(f"test/acc_class_{index}", value, sync_dist=True)
+        self.test_results = {"per_class_accuracy": per_class.cpu(), "confusion": self.test_confusion.compute().cpu()}
+        self.test_per_class.reset()
+        self.test_confusion.reset()
+
+    # ----- optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = self.parameter_groups()
+        optimizer = torch.optim.AdamW(groups)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_fraction * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: LoRA A (and B, separately under LoRA+), fully trained modules, and backbone weights."""
+        h = self.hparams
+        head_lr = h.head_lr if h.head_lr is not None else h.lr
+        backbone_lr = h.backbone_lr if h.backbone_lr is not None else h.lr
+        fully_trained = self._fully_trained_prefixes()
+        buckets: dict[str, list[nn.Parameter]] = {"lora_A": [], "lora_B": [], "head": [], "backbone": []}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            leaf = name.rpartition(".")[2]
+            if leaf.startswith("lora_"):
+                buckets["lora_B" if "_B" in leaf else "lora_A"].append(param)
+            elif any(name.startswith(prefix) for prefix in fully_trained):
+                buckets["head"].append(param)
+            else:
+                buckets["backbone"].append(param)
+        b_lr = h.lr * (h.loraplus_lr_ratio or 1.0)
+        settings = {
+            "lora_A": (h.lr, h.lora_weight_decay),
+            "lora_B": (b_lr, h.lora_weight_decay),
+            "head": (head_lr, h.head_weight_decay),
+            "backbone": (backbone_lr, h.backbone_weight_decay),
+        }
+        return [
+            {"params": params, "lr": settings[name][0], "weight_decay": settings[name][1], "name": name}
+            for name, params in buckets.items()
+            if params
+        ]
+
+    def _fully_trained_prefixes(self) -> list[str]:
+        state = lora_state(self.model)
+        paths = state.trainable_paths if state is not None else [find_head_path(self.model) or ""]
+        return [p + "." for p in paths if p]
+
+    # ----- small checkpoints --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only what is trained: the frozen backbone is rebuilt from its pretrained weights on load."""
+        if self.hparams.method == "full":
+            return
+        trained = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k in trained or not k.startswith("model.")}
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
