@@ -1,0 +1,93 @@
+"""Albumentations presets: shapes, dtypes, normalisation, cropping, flips, seeding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from visionlora.data import IMAGENET_MEAN, IMAGENET_STD, data_config_from_model, eval_transform, train_transform
+from visionlora.data.presets import seed_transform
+
+
+def _apply(transform, image: np.ndarray) -> torch.Tensor:
+    return transform(image=image)["image"]
+
+
+def _expected_constant(value: int, mean, std) -> torch.Tensor:
+    return (value / 255.0 - torch.tensor(mean)) / torch.tensor(std)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (40, 60, 3)])
+def test_shapes_and_dtypes(shape):
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    for transform in (train_transform(32), eval_transform(32), eval_transform(32, crop_pct=1.0)):
+        out = _apply(transform, image)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+def test_constant_image_maps_to_normalised_value(crop_pct):
+    image = np.full((20, 30, 3), 100, dtype=np.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    expected = _expected_constant(100, mean, std)[:, None, None].expand(3, 24, 24)
+    torch.testing.assert_close(_apply(eval_transform(24, mean, std, crop_pct), image), expected)
+    no_jitter = train_transform(24, mean, std, color_jitter=0.0)
+    torch.testing.assert_close(_apply(no_jitter, image), expected)
+    default = _expected_constant(100, IMAGENET_MEAN, IMAGENET_STD)
+    torch.testing.assert_close(_apply(eval_transform(24), image)[:, 5, 5], default)
+
+
+def test_crop_pct_cuts_the_border_and_one_keeps_it():
+    # 100x100 grey image with a white 4-pixel frame: resized to 73 (64 / 0.875) the frame is ~3 px wide and the
+    # centre crop removes 4.5 px each side; crop_pct=1.0 keeps it.
+    image = np.full((100, 100, 3), 50, dtype=np.uint8)
+    image[:4], image[-4:], image[:, :4], image[:, -4:] = 255, 255, 255, 255
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    cropped = _apply(eval_transform(64, mean, std, crop_pct=0.875), image)
+    torch.testing.assert_close(cropped, torch.full_like(cropped, 50 / 255))
+    whole = _apply(eval_transform(64, mean, std, crop_pct=1.0), image)
+    assert whole[:, 0, 0].tolist() == pytest.approx([1.0] * 3) and whole[0, 32, 32].item() == pytest.approx(50 / 255)
+
+
+def _left_brighter(transform, draws: int = 24) -> list[bool]:
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    image[:, :8] = 200
+    seed_transform(transform, 0)
+    return [
+        bool(out[0, :, :8].mean() > out[0, :, 8:].mean()) for out in (_apply(transform, image) for _ in range(draws))
+    ]
+
+
+def test_hflip_flag():
+    assert all(_left_brighter(train_transform(16, scale=(1.0, 1.0), hflip=False, color_jitter=0.0)))
+    flipped = _left_brighter(train_transform(16, scale=(1.0, 1.0), hflip=True, color_jitter=0.0)).count(False)
+    assert 4 <= flipped <= 20  # p = 0.5 over 24 seeded draws
+
+
+def test_seeded_transform_repeats_and_seeds_differ():
+    image = np.random.default_rng(1).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    outs = []
+    for seed in (5, 5, 6):
+        transform = train_transform(16)
+        seed_transform(transform, seed)
+        outs.append(torch.stack([_apply(transform, image) for _ in range(3)]))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_bad_crop_pct_and_size():
+    with pytest.raises(ValueError, match="crop_pct"):
+        eval_transform(32, crop_pct=1.5)
+    with pytest.raises(ValueError, match="image_size"):
+        train_transform(0)
+
+
+def test_data_config_from_timm_model():
+    model = timm.create_model("test_vit", pretrained=False)
+    assert data_config_from_model(model) == {
+        "image_size": 160,
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "crop_pct": 0.95,
+    }

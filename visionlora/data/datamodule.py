@@ -1,0 +1,343 @@
+"""``FewShotDataModule``: k-shot training sets from the embedded digits or an ImageFolder, as a LightningDataModule.
+
+The constructor takes plain typed keyword arguments so LightningCLI/jsonargparse can build it from YAML, and
+``num_classes`` is known right after construction so the CLI can link it into the model. Preprocessing follows
+the backbone (``set_data_config``) unless set explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import digits, imagefolder
+from .dataset import FewShotDataset, seed_worker
+from .presets import (
+    DEFAULT_CROP_PCT,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_SCALE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INTERPOLATION_NAME,
+    eval_transform,
+    normalize_data_config,
+    seed_transform,
+    train_transform,
+)
+from .sampling import sample_k_shot, stratified_split, write_selection
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("digits", "imagefolder")
+SELECTION_FILE = "fewshot_selection.csv"
+# 8x8 digits lose strokes to aggressive crops; a mild crop still varies position and thickness.
+DIGITS_SCALE: tuple[float, float] = (0.85, 1.0)
+
+
+class _Resolved:
+    """Read-only attribute holding the preprocessing value in use (see ``FewShotDataModule.preprocessing``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.preprocessing[self.name]
+
+    def __set__(self, obj, value) -> None:
+        raise AttributeError(f"FewShotDataModule.{self.name} is read-only: pass it to the constructor")
+
+
+class FewShotDataModule(L.LightningDataModule):
+    """Few-shot image classification data: k seeded images per class for training, a fixed test set.
+
+    Batches are ``(images float32 [B, 3, S, S], labels int64 [B])``. After construction, ``image_size``, ``mean``,
+    ``std``, ``crop_pct``, ``hflip`` and ``crop_scale`` read back the values in use (argument, else dataset
+    default, else backbone, else default), not the raw arguments. The test set never depends on ``seed``;
+    the training images do (and are written to ``run_dir`` when given). Validation images come from a ``val/``
+    folder when the ImageFolder has one, else, with ``val_fraction > 0``, from the training pool minus the chosen
+    shots; with neither, ``val_dataloader`` returns an empty list and Lightning skips validation. Validation is
+    never taken from the test set.
+
+    Args:
+        dataset: ``"digits"`` (scikit-learn's 8x8 handwritten digits, embedded, no download) or ``"imagefolder"``
+            (``root/<class>/<images>``, or ``root/train`` + ``root/test`` and/or ``root/val``).
+        root: Folder of the ImageFolder dataset; must be left unset for ``"digits"``.
+        classes: Digits only: ``"novel"`` (digits 5-9), ``"base"`` (0-4) or ``"all"`` (0-9).
+        shots: Training images per class (k); ``None`` trains on the whole training pool.
+        seed: Seed of the k-shot draw, the validation draw and the training shuffle and augmentation.
+        batch_size: Training batch size (the last batch may be smaller).
+        eval_batch_size: Validation and test batch size.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        image_size: Side of the square model input; ``None``: the backbone's (``set_data_config``), else 224.
+        mean: Normalisation mean (0..1 scale); ``None``: the backbone's, else ImageNet's.
+        std: Normalisation std (0..1 scale); ``None``: the backbone's, else ImageNet's.
+        crop_pct: Share of the resized image kept by the eval centre crop; ``None``: 1.0 for digits (no crop,
+            strokes sit at the border), else the backbone's, else 0.875.
+        hflip: Random horizontal flips in training; ``None``: off for digits (a mirrored digit is not that
+            digit), on otherwise.
+        crop_scale: Area range of the training random resized crop; ``None``: (0.85, 1.0) for digits,
+            (0.6, 1.0) otherwise.
+        val_fraction: Share of each class's training pool, after removing the chosen shots, used for
+            validation (at most ``max_val_per_class`` images per class); 0 disables it. Ignored when the
+            ImageFolder has a ``val/`` folder.
+        max_val_per_class: Cap on validation images per class drawn from the training pool.
+        on_bad_image: ImageFolder only: ``"skip"`` leaves out unreadable image files (one logged warning with
+            their count and first paths) or ``"error"`` raises a ValueError listing them. Checked in ``setup``.
+        test_fraction: ImageFolder only: share of each class held out for testing when the folder has no
+            ``train/`` + ``test/`` split; the split uses a fixed seed, not ``seed``.
+        run_dir: When set, ``setup`` writes the training selection to ``<run_dir>/fewshot_selection.csv``
+            (digits: row of ``sklearn.datasets.load_digits``; ImageFolder: path relative to ``root``).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        root: str | None = None,
+        classes: str = "novel",
+        shots: int | None = 5,
+        seed: int = 0,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        image_size: int | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        crop_pct: float | None = None,
+        hflip: bool | None = None,
+        crop_scale: tuple[float, float] | None = None,
+        val_fraction: float = 0.0,
+        max_val_per_class: int = 20,
+        on_bad_image: str = "skip",
+        test_fraction: float = 0.3,
+        run_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _check_arguments(dataset, root, shots, seed, val_fraction, max_val_per_class, on_bad_image, test_fraction)
+        self.dataset, self.root, self.classes = dataset, root, classes
+        self.shots, self.seed, self.run_dir = shots, seed, run_dir
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.val_fraction, self.max_val_per_class = val_fraction, max_val_per_class
+        self.on_bad_image, self.test_fraction = on_bad_image, test_fraction
+        # Kept apart from the backbone's settings so that explicit arguments keep winning over set_data_config.
+        self._explicit = {"image_size": image_size, "mean": mean, "std": std, "crop_pct": crop_pct}
+        self._explicit |= {"hflip": hflip, "crop_scale": crop_scale}
+        self._backbone_config: dict = {}
+        # Listing the classes now (folder names only) lets LightningCLI link num_classes into the model before
+        # setup, and fails early on a wrong root.
+        if dataset == "digits":
+            self._class_names = digits.digits_class_names(classes)
+        else:
+            self._class_names = imagefolder.imagefolder_classes(root)
+        self._parts: dict[str, FewShotDataset] | None = None
+
+    image_size = _Resolved()
+    mean = _Resolved()
+    std = _Resolved()
+    crop_pct = _Resolved()
+    hflip = _Resolved()
+    crop_scale = _Resolved()
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (available before ``setup``)."""
+        return len(self._class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (available before ``setup``)."""
+        return list(self._class_names)
+
+    def set_data_config(self, config: dict) -> None:
+        """Take the backbone's preprocessing; arguments given to the constructor still win.
+
+        Args:
+            config: Any of ``image_size``, ``mean``, ``std``, ``crop_pct`` (as from
+                :func:`~visionlora.data.presets.data_config_from_model`), or timm's
+                ``resolve_model_data_config(model)`` dict as is (``input_size`` gives ``image_size``).
+        """
+        self._backbone_config = normalize_data_config(config)
+
+    @property
+    def preprocessing(self) -> dict:
+        """The settings the transforms use: explicit argument, else dataset default, else backbone, else default.
+
+        Keys: ``image_size``, ``mean``, ``std``, ``crop_pct``, ``hflip``, ``crop_scale`` and ``interpolation``
+        (always ``"bicubic"``; what an exported ``pretrained_cfg`` should state).
+        """
+        is_digits = self.dataset == "digits"
+        given, backbone = self._explicit, self._backbone_config
+        return {
+            "image_size": _first(given["image_size"], backbone.get("image_size"), DEFAULT_IMAGE_SIZE),
+            "mean": tuple(_first(given["mean"], backbone.get("mean"), IMAGENET_MEAN)),
+            "std": tuple(_first(given["std"], backbone.get("std"), IMAGENET_STD)),
+            "crop_pct": _first(
+                given["crop_pct"], 1.0 if is_digits else None, backbone.get("crop_pct"), DEFAULT_CROP_PCT
+            ),
+            "hflip": _first(given["hflip"], not is_digits),
+            "crop_scale": tuple(_first(given["crop_scale"], DIGITS_SCALE if is_digits else DEFAULT_SCALE)),
+            "interpolation": INTERPOLATION_NAME,
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load (and for ImageFolder check) every image list and draw the shots; runs once, later calls return."""
+        if self._parts is not None:
+            return
+        pool, test, val = self._load_digits() if self.dataset == "digits" else self._load_imagefolder()
+        train_idx = self._draw_shots(pool.labels)
+        if val is None and self.val_fraction > 0:
+            val, train_idx = self._draw_val(pool, train_idx)
+        self._parts = {"train": _subset(pool, train_idx), "test": test}
+        if val is not None:
+            self._parts["val"] = val
+        if self.run_dir is not None:
+            write_selection(Path(self.run_dir) / SELECTION_FILE, self._selection_rows(pool, train_idx))
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches with seeded augmentation (order and augmentation repeat for a given seed)."""
+        prep = self.preprocessing
+        transform = train_transform(prep["image_size"], prep["mean"], prep["std"], prep["crop_scale"], prep["hflip"])
+        seed_transform(transform, self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader("train", transform, self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches, or an empty list (Lightning then skips validation) when there is no validation set."""
+        if "val" not in self._require_setup():
+            return []
+        return self._loader("val", self._eval_transform(), self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches, in a fixed order."""
+        return self._loader("test", self._eval_transform(), self.eval_batch_size)
+
+    def sample_batch(self, n: int = 8) -> torch.Tensor:
+        """``n`` eval-transformed test images, ``[n, 3, S, S]``, taking the classes in turn.
+
+        The first test image of class 0, of class 1, ..., then the second of each, so every class appears once
+        ``n >= num_classes``. Deterministic and independent of ``seed``, so exports can be checked against the
+        same inputs; runs ``setup`` if needed.
+        """
+        if self._parts is None:
+            self.setup()
+        test = self._parts["test"]
+        if not 1 <= n <= len(test):
+            raise ValueError(f"sample_batch: n must be in [1, {len(test)}] (test set size), got {n}")
+        dataset = FewShotDataset(test.images, test.labels, self._eval_transform())
+        return torch.stack([dataset[i][0] for i in _classes_in_turn(test.labels, n)])
+
+    def _load_digits(self) -> tuple[FewShotDataset, FewShotDataset, None]:
+        images, labels, _ = digits.digits_split(self.classes, "train")
+        test_images, test_labels, _ = digits.digits_split(self.classes, "test")
+        return _items(images, labels), _items(test_images, test_labels), None
+
+    def _load_imagefolder(self) -> tuple[FewShotDataset, FewShotDataset, FewShotDataset | None]:
+        found = imagefolder.scan_imagefolder(self.root, self.test_fraction, self.on_bad_image)
+        self._class_names = found.class_names
+        val = _items(found.val.paths, found.val.labels) if found.val is not None else None
+        if val is not None and self.val_fraction > 0:
+            logger.info("FewShotDataModule: using %s/val for validation; val_fraction is ignored", self.root)
+        return _items(found.train.paths, found.train.labels), _items(found.test.paths, found.test.labels), val
+
+    def _draw_shots(self, labels: np.ndarray) -> list[int]:
+        if self.shots is None:
+            return list(range(len(labels)))
+        return sample_k_shot(labels, self.shots, self.seed, self._class_names)
+
+    def _draw_val(self, pool: FewShotDataset, train_idx: list[int]) -> tuple[FewShotDataset, list[int]]:
+        """Validation images from the pool minus the shots; returns them and the (possibly reduced) train indices.
+
+        With ``shots=None`` the whole pool is the training set, so the validation images are taken out of it.
+        """
+        whole = self.shots is None
+        rest = np.arange(len(pool)) if whole else np.setdiff1d(np.arange(len(pool)), train_idx)
+        _, taken = stratified_split(pool.labels[rest], self.val_fraction, self.seed, self.max_val_per_class)
+        val_idx = rest[taken]
+        if whole:
+            train_idx = sorted(set(train_idx) - {int(i) for i in val_idx})
+        return _subset(pool, val_idx), train_idx
+
+    def _selection_rows(self, pool: FewShotDataset, train_idx: list[int]) -> list[dict]:
+        """One CSV row per training image: what identifies it outside this package, its label and class."""
+        if self.dataset == "digits":
+            column, ids = "digits_index", [int(i) for i in digits.digits_indices(self.classes, "train")]
+        else:
+            column, ids = "path", [Path(p).relative_to(self.root).as_posix() for p in pool.images]
+        names = self._class_names
+        return [{column: ids[i], "label": int(pool.labels[i]), "class_name": names[pool.labels[i]]} for i in train_idx]
+
+    def _eval_transform(self):
+        prep = self.preprocessing
+        return eval_transform(prep["image_size"], prep["mean"], prep["std"], prep["crop_pct"])
+
+    def _require_setup(self) -> dict[str, FewShotDataset]:
+        if self._parts is None:
+            raise RuntimeError("FewShotDataModule: call setup() before asking for dataloaders")
+        return self._parts
+
+    def _loader(self, part: str, transform, batch_size: int, shuffle: bool = False, generator=None) -> DataLoader:
+        items = self._require_setup()[part]
+        return DataLoader(
+            FewShotDataset(items.images, items.labels, transform),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last=False,
+            num_workers=self.num_workers,
+            worker_init_fn=seed_worker,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+def _check_arguments(dataset, root, shots, seed, val_fraction, max_val_per_class, on_bad_image, test_fraction) -> None:
+    """Raise naming the first constructor argument that is out of range."""
+    problems = {
+        "dataset": (dataset not in DATASETS, f"must be one of {DATASETS}, got {dataset!r}"),
+        "root": (
+            (dataset == "imagefolder") != (root is not None),
+            "is required for dataset='imagefolder' and must be unset for 'digits'",
+        ),
+        "shots": (shots is not None and shots < 1, f"must be >= 1 or None, got {shots}"),
+        "seed": (seed < 0, f"must be >= 0, got {seed}"),
+        "val_fraction": (not 0.0 <= val_fraction < 1.0, f"must be in [0, 1), got {val_fraction}"),
+        "max_val_per_class": (max_val_per_class < 1, f"must be >= 1, got {max_val_per_class}"),
+        "on_bad_image": (
+            on_bad_image not in imagefolder.BAD_IMAGE_POLICIES,
+            f"must be one of {imagefolder.BAD_IMAGE_POLICIES}, got {on_bad_image!r}",
+        ),
+        "test_fraction": (not 0.0 < test_fraction < 1.0, f"must be in (0, 1), got {test_fraction}"),
+    }
+    for name, (bad, message) in problems.items():
+        if bad:
+            raise ValueError(f"FewShotDataModule: {name} {message}")
+
+
+def _classes_in_turn(labels: np.ndarray, n: int) -> list[int]:
+    """The first ``n`` indices of the order: 1st item of each class by label, then the 2nd of each, and so on."""
+    rank = np.zeros(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = labels == label
+        rank[members] = np.arange(members.sum())
+    return [int(i) for i in np.lexsort((labels, rank))[:n]]
+
+
+def _first(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
+
+
+def _items(images, labels) -> FewShotDataset:
+    """Images and labels without a transform yet: the loaders attach the transform for their part."""
+    return FewShotDataset(images, labels, transform=None)
+
+
+def _subset(items: FewShotDataset, indices) -> FewShotDataset:
+    indices = np.asarray(indices, dtype=np.int64)
+    images = items.images[indices] if isinstance(items.images, np.ndarray) else [items.images[i] for i in indices]
+    return FewShotDataset(images, items.labels[indices], transform=None)

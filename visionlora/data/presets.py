@@ -1,0 +1,161 @@
+"""Albumentations pipelines for few-shot fine-tuning, and the backbone's preprocessing settings from timm.
+
+Inputs are ``H x W x 3`` uint8 numpy arrays; outputs are float32 ``3 x S x S`` tensors normalised with the
+backbone's mean and std. The eval pipeline follows timm's ``crop_pct`` convention (resize the shorter side to
+``image_size / crop_pct``, then centre-crop), so a pretrained backbone sees test images the way it was evaluated.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+
+import numpy as np
+
+# albumentations checks PyPI for a newer version on every import (a network call with a 2 s timeout); that is
+# noise on offline training machines. An explicit setting by the user still wins.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+from torch import nn  # noqa: E402
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_CROP_PCT = 0.875
+DEFAULT_SCALE: tuple[float, float] = (0.6, 1.0)
+DATA_CONFIG_KEYS = ("image_size", "mean", "std", "crop_pct")
+_TIMM_ONLY_KEYS = ("input_size", "interpolation", "crop_mode")
+# Bicubic like timm's eval default; few-shot images are often upscaled a lot (8x8 digits to 224), where bilinear
+# blurs more. cv2 clips the overshoot back into uint8.
+INTERPOLATION = cv2.INTER_CUBIC
+INTERPOLATION_NAME = "bicubic"  # the same, in timm's ``pretrained_cfg`` vocabulary
+
+
+def train_transform(
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    scale: tuple[float, float] = DEFAULT_SCALE,
+    hflip: bool = True,
+    color_jitter: float = 0.2,
+) -> A.Compose:
+    """Training augmentation: random resized crop, optional horizontal flip, light colour jitter, normalisation.
+
+    The crop scale starts at 0.6 rather than timm's 0.08: with a handful of images per class, crops that keep
+    a tenth of the object mostly teach noise.
+
+    Args:
+        image_size: Side of the square output.
+        mean: Per-channel mean, on the 0..1 scale.
+        std: Per-channel standard deviation, on the 0..1 scale.
+        scale: Range of the crop's area relative to the image.
+        hflip: Flip horizontally with probability 0.5. Turn off for data whose meaning changes when mirrored
+            (digits, text, left/right anatomy).
+        color_jitter: Strength of the brightness/contrast/saturation jitter (each factor in ``1 ± color_jitter``,
+            applied to half the images); 0 disables it. Hue is never shifted: colour is often the class cue.
+
+    Returns:
+        A pipeline called as ``transform(image=array)["image"]``.
+    """
+    _check_size(image_size)
+    crop = A.RandomResizedCrop(size=(image_size, image_size), scale=scale, interpolation=INTERPOLATION)
+    steps: list[A.BasicTransform] = [crop]
+    if hflip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if color_jitter > 0:
+        steps.append(A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.0))
+    steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    return A.Compose(steps)
+
+
+def eval_transform(
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    crop_pct: float = DEFAULT_CROP_PCT,
+) -> A.Compose:
+    """Deterministic evaluation pipeline: resize, centre crop, normalisation.
+
+    Args:
+        image_size: Side of the square output.
+        mean: Per-channel mean, on the 0..1 scale.
+        std: Per-channel standard deviation, on the 0..1 scale.
+        crop_pct: Share of the resized image kept by the centre crop, in ``(0, 1]``. Below 1 the shorter side is
+            resized to ``floor(image_size / crop_pct)`` (aspect ratio kept) and the centre cropped, as timm does;
+            at 1.0 the whole image is resized to ``image_size x image_size`` (aspect ratio not kept), so nothing
+            is cut off.
+
+    Returns:
+        A pipeline called as ``transform(image=array)["image"]``.
+    """
+    _check_size(image_size)
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"eval_transform: crop_pct must be in (0, 1], got {crop_pct}")
+    if crop_pct == 1.0:
+        resize: list[A.BasicTransform] = [A.Resize(image_size, image_size, interpolation=INTERPOLATION)]
+    else:
+        scaled = int(image_size / crop_pct)
+        resize = [A.SmallestMaxSize(max_size=scaled, interpolation=INTERPOLATION), A.CenterCrop(image_size, image_size)]
+    return A.Compose([*resize, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()])
+
+
+def data_config_from_model(model: nn.Module) -> dict:
+    """The preprocessing a timm model expects, in the form :meth:`FewShotDataModule.set_data_config` takes.
+
+    Args:
+        model: A model built by ``timm.create_model`` (its ``pretrained_cfg`` holds the settings).
+
+    Returns:
+        ``{"image_size": int, "mean": tuple, "std": tuple, "crop_pct": float}``.
+
+    Raises:
+        ValueError: If the model's input size is not square (the pipelines here produce square images).
+    """
+    # Imported here so that using the pipelines does not pay for importing timm.
+    from timm.data import resolve_model_data_config
+
+    return normalize_data_config(resolve_model_data_config(model))
+
+
+def normalize_data_config(config: dict) -> dict:
+    """Our ``image_size/mean/std/crop_pct`` keys from either those keys or timm's ``resolve_data_config`` output.
+
+    timm's ``input_size`` (``(C, H, W)``, square only) becomes ``image_size``; its ``interpolation`` and
+    ``crop_mode`` are dropped (the pipelines here always use bicubic resizing and a centre crop). Missing keys stay
+    missing. Any other key raises, so a misspelt setting is not silently ignored.
+    """
+    unknown = sorted(set(config) - set(DATA_CONFIG_KEYS) - set(_TIMM_ONLY_KEYS))
+    if unknown:
+        raise ValueError(
+            f"data config: unknown keys {unknown}; expected {DATA_CONFIG_KEYS} or timm's {_TIMM_ONLY_KEYS}"
+        )
+    out = {key: config[key] for key in DATA_CONFIG_KEYS if config.get(key) is not None}
+    if "image_size" not in out and config.get("input_size") is not None:
+        height, width = config["input_size"][-2:]
+        if height != width:
+            raise ValueError(f"data config: input_size {tuple(config['input_size'])} is not square")
+        out["image_size"] = int(height)
+    for key in ("mean", "std"):
+        if key in out:
+            out[key] = tuple(float(v) for v in out[key])
+    if "crop_pct" in out:
+        out["crop_pct"] = float(out["crop_pct"])
+    return out
+
+
+def seed_transform(transform: A.Compose, seed: int) -> None:
+    """Give every step of ``transform`` one shared random stream seeded with ``seed``.
+
+    ``A.Compose(seed=...)`` seeds each step with the *same* seed, so e.g. the flip and the crop would draw the
+    same numbers; sharing one generator avoids that correlation.
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def _check_size(image_size: int) -> None:
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
