@@ -1,0 +1,100 @@
+"""The classification task and tools/train.py's code path: run directory, small checkpoints, resume, DDP, configs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from visionlora import LoraConfig
+from visionlora.cli import main as train_main
+from visionlora.tasks import LoraClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VIT = '{"img_size": 24, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}'
+FAST = ["--model.backbone", "vit_tiny_patch16_224", "--model.pretrained_file", "null", "--model.model_args",
+        TINY_VIT, "--data.dataset", "digits", "--data.shots", "2", "--data.image_size", "24",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+
+
+def _run(tmp_path: Path, *extra: str) -> dict:
+    return train_main(["--config", str(ROOT / "configs" / "default.yaml"), *FAST, "--runs_dir", str(tmp_path),
+                       "--run_name", "t", *extra])
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    (run_dir,) = sorted((tmp_path / "t").iterdir())
+    return run_dir
+
+
+def test_train_writes_run_directory_with_small_checkpoint(tmp_path):
+    row = _run(tmp_path, "--trainer.max_epochs", "2")
+    run_dir = _run_dir(tmp_path)
+    for name in ["config.yaml", "metrics.csv", "training_curves.png", "confusion_matrix.png", "results.json",
+                 "fewshot_selection.csv", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "checkpoints/last.ckpt"]:
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "results.json").read_text())["test acc"] == pytest.approx(row["test acc"])
+    assert 0.0 <= row["test acc"] <= 1.0 and row["epochs"] == 2
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = checkpoint["state_dict"]
+    assert all("lora_" in k or k.startswith("model.head.") for k in saved)
+    assert sum(v.numel() for v in saved.values()) == row["trainable"]
+    assert len((run_dir / "fewshot_selection.csv").read_text().strip().splitlines()) == 1 + 2 * 5
+
+
+def test_resume_from_last_checkpoint_completes_training(tmp_path):
+    _run(tmp_path, "--trainer.max_epochs", "1", "--run_test", "false")  # as if killed after the first epoch
+    first = torch.load(_run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)
+    row = _run(tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", "last", "--run_test", "false")
+    assert len(list((tmp_path / "t").iterdir())) == 1  # resumed in the same run directory
+    final = torch.load(_run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert row["epochs"] == 3 and final["global_step"] == 3 * first["global_step"] > 0
+    key = next(k for k in final["state_dict"] if "lora_B" in k)
+    assert not torch.equal(final["state_dict"][key], first["state_dict"][key])
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no .*last.ckpt to resume"):
+        _run(tmp_path, "--ckpt_path", "last")
+
+
+def test_parameter_groups_lora_plus_and_methods():
+    args = dict(backbone="vit_tiny_patch16_224", num_classes=3, model_args=json.loads(TINY_VIT))
+    model = LoraClassifier(**args, lora=LoraConfig(r=2, targets=["vit-all"]), lr=1e-3, loraplus_lr_ratio=16,
+                           head_lr=5e-3, lora_weight_decay=0.1)
+    groups = {g["name"]: g for g in model.parameter_groups()}
+    assert set(groups) == {"lora_A", "lora_B", "head"}
+    assert groups["lora_B"]["lr"] == pytest.approx(0.016) and groups["lora_A"]["lr"] == pytest.approx(1e-3)
+    assert groups["lora_A"]["weight_decay"] == 0.1 and groups["head"]["lr"] == 5e-3
+    assert sum(p.numel() for g in groups.values() for p in g["params"]) == model.trainable_parameter_count()
+    linear = LoraClassifier(**args, method="linear")
+    assert linear.trainable_parameter_count() == 32 * 3 + 3
+    full = LoraClassifier(**args, method="full")
+    assert full.trainable_parameter_count() == sum(p.numel() for p in full.parameters())
+    with pytest.raises(ValueError, match="method"):
+        LoraClassifier(**args, method="bogus")
+
+
+def test_unknown_config_key_fails_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _run(tmp_path, "--model.lora.rank", "4")
+    assert "rank" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_two_process_ddp_keeps_lora_weights_identical(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_train_script.py"), str(tmp_path)], check=True,
+                   env=env, timeout=300, capture_output=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["world_size"] == 2
+    assert rank0["lora"].keys() == rank1["lora"].keys() and len(rank0["lora"]) > 0
+    for name, value in rank0["lora"].items():
+        assert torch.equal(value, rank1["lora"][name]), name
+    assert any("lora_B" in n and value.abs().sum() > 0 for n, value in rank0["lora"].items())
+    assert rank0["metrics"]["val/loss"] == pytest.approx(rank1["metrics"]["val/loss"])

@@ -1,0 +1,14 @@
+"""Pretrain a small backbone on offline data and bundle it under data/weights/ with a model card.
+
+    python tools/pretrain.py --config configs/pretrain/vit_digits.yaml
+    python tools/pretrain.py --config configs/pretrain/resnet_digits.yaml
+"""
+
+import sys
+
+from visionlora.cli import main
+
+if __name__ == "__main__":
+    if not any(arg.startswith("--config") for arg in sys.argv[1:]):
+        sys.exit("usage: python tools/pretrain.py --config configs/pretrain/<name>.yaml [overrides]")
+    main(sys.argv[1:])

@@ -1,0 +1,17 @@
+"""Fine-tune a timm backbone with LoRA on few-shot data: ``python tools/train.py`` runs configs/default.yaml.
+
+    python tools/train.py                                   # the offline default task
+    python tools/train.py --config configs/classification/vit_b16_lora.yaml --data.root /data/pets
+    python tools/train.py --config configs/default.yaml --model.lora.r 16 --print_config
+    python tools/train.py --config configs/default.yaml --ckpt_path last   # resume the newest run
+"""
+
+import sys
+from pathlib import Path
+
+from visionlora.cli import main
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["--config", str(DEFAULT_CONFIG)])
