@@ -46,7 +46,7 @@ class LoraConfig:
         rank_pattern: Per-layer rank overrides, ``{regex: r}``; the first regex that fully matches wins.
         alpha_pattern: Per-layer alpha overrides, ``{regex: alpha}``.
         dropout: Dropout on the input of the LoRA branch (Hu et al. use 0.0-0.1). 0 costs nothing.
-        init: ``default`` (A Kaiming-uniform, B zero: output unchanged at init), ``gaussian`` (A ~ N(0, 1/r),
+        init: ``default`` (A Kaiming-uniform, B zero: output unchanged at init), ``gaussian`` (A ~ N(0, std 1/r),
             B zero), ``small-random`` (A and B both N(0, 0.02²): the output changes at init, as some textbooks
             describe), ``pissa`` (principal singular vectors in A, B; the base weight keeps the residual,
             Meng et al. 2024, arXiv:2404.02948).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -48,10 +49,24 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         raise ValueError("model already has LoRA layers: call unload_lora(model) before injecting again")
     specs = specs_from_config(model, config)
     layers = build_layers(model, specs)
-    for layer in layers.values():
-        layer.initialize(config.init)
+    initialize_layers(layers, config.init)
     attach(model, layers, config, specs)
     return model
+
+
+@torch.no_grad()
+def initialize_layers(layers: dict[str, LoraLayer], init: str) -> None:
+    """Initialise every wrapper; if one fails, put back the base weights PiSSA already changed in the others."""
+    originals = {path: layer.base_weight().clone() for path, layer in layers.items()} if init == "pissa" else {}
+    for path, layer in layers.items():
+        try:
+            layer.initialize(init)
+        except Exception as err:
+            for done, weight in originals.items():
+                layers[done].base_weight().copy_(weight)
+            if isinstance(err, ValueError):
+                raise ValueError(f"{path}: {err}") from None
+            raise
 
 
 def build_layers(model: nn.Module, specs: list[LayerSpec]) -> dict[str, LoraLayer]:
