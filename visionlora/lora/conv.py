@@ -40,9 +40,9 @@ class LoraConv2d(LoraLayer):
         # Only a plain Conv2d is linear in its weight with no transform, so only it splits into conv(x,W)+conv(x,ΔW).
         return type(self.base_layer) is nn.Conv2d
 
-    def prefers_weight_form(self) -> bool:
-        # On CPU (and for small r on most devices) a k×k conv with r output channels followed by a 1×1 conv runs far
-        # slower than one conv with W + ΔW: benchmarks/bench_train_step.py measures both.
+    def measures_form(self) -> bool:
+        # conv(x, W + ΔW) costs a full weight gradient; conv_B(conv_A(x)) is cheap in FLOPs, but a k×k conv with
+        # r output channels can run slowly on CPU kernels. Which wins depends on shape and device: measure it.
         return True
 
     def factors(self) -> list[Factors]:

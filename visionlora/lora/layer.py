@@ -10,6 +10,7 @@ every layer type.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,8 @@ class LoraLayer(nn.Module):
         self.use_dora = use_dora
         self.merged = False
         self.weight_form = self._resolve_form(form)
+        # form='auto' on a layer that has both forms and no clear winner: time both on the first training step.
+        self.form_pending = form == "auto" and self.measures_form() and self._has_both_forms()
         self._merged_norm: torch.Tensor | None = None
         if use_dora:
             weight = self.base_weight()
@@ -77,10 +80,22 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.form_pending and self.training and torch.is_grad_enabled():
+            self.weight_form = measure_faster_form(self, x)
+            self.form_pending = False
         if self.weight_form:
             return self.forward_with_weight(x, self.adapted_weight())
         lora_input = self.lora_dropout(x) if self.lora_dropout is not None else x
         return self.base_layer(x) + self.activation_delta(lora_input)
+
+    def forward_in_form(self, x: torch.Tensor, weight_form: bool) -> torch.Tensor:
+        """The unmerged forward pass in the given form (both give the same result up to float rounding)."""
+        if weight_form:
+            return self.forward_with_weight(x, self.adapted_weight())
+        return self.base_layer(x) + self.activation_delta(x)
+
+    def _has_both_forms(self) -> bool:
+        return self.supports_activation_form and not self.use_dora and self.lora_dropout is None
 
     def _resolve_form(self, form: str) -> bool:
         """True for the weight-space form op(x, W + ΔW), False for the activation-space form op(x) + x·Aᵀ·Bᵀ."""
@@ -91,13 +106,14 @@ class LoraLayer(nn.Module):
         if needs_weight_form:
             return True
         if form == "auto":
-            return self.prefers_weight_form() and self.lora_dropout is None
+            # Until measured (see measures_form), measuring layers run in the weight form: one op instead of three.
+            return self.measures_form() and self.lora_dropout is None
         if form == "weight" and self.lora_dropout is not None:
             raise ValueError("LoRA dropout needs the activation-space form; set dropout=0 or form='auto'")
         return form == "weight"
 
-    def prefers_weight_form(self) -> bool:
-        """Whether ``form='auto'`` picks the weight-space form for this layer."""
+    def measures_form(self) -> bool:
+        """Whether ``form='auto'`` times both forms on the first training step (else: activation form)."""
         return False
 
     # ----- ΔW and merge -------------------------------------------------------------------------------------
@@ -192,6 +208,28 @@ class LoraLayer(nn.Module):
         ranks = ",".join(str(p.rank) for p in self.factors())
         form = "weight" if self.weight_form else "activation"
         return f"rank={ranks}, scale={self.scale:g}, form={form}, dora={self.use_dora}, merged={self.merged}"
+
+
+def measure_faster_form(layer: LoraLayer, x: torch.Tensor, repeats: int = 2) -> bool:
+    """Time forward + backward of both forms on ``x`` (best of ``repeats``); True if the weight form is faster.
+
+    Which form wins depends on the layer's shape, the batch and the device's kernels (a thin k×k conv with r output
+    channels is cheap in FLOPs but often slow on CPUs), so it is measured, as cudnn.benchmark does for algorithms.
+    """
+    probe = x.detach().requires_grad_(x.requires_grad)
+    inputs = [probe] if probe.requires_grad else []
+    inputs += [p for p in layer.parameters() if p.requires_grad]
+    timings = {}
+    for weight_form in (False, True):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = layer.forward_in_form(probe, weight_form)
+            if inputs:
+                torch.autograd.grad(out, inputs, grad_outputs=torch.ones_like(out), allow_unused=True)
+            best = min(best, time.perf_counter() - start)
+        timings[weight_form] = best
+    return timings[True] < timings[False]
 
 
 def _init_pair(pair: Factors, init: str) -> None:
