@@ -90,7 +90,7 @@ def write_run_outputs(cli: VisionLoraCLI, results: dict, seconds: float) -> dict
     if metrics_csv.is_file():
         plot_training_curves(metrics_csv, run_dir / "training_curves.png")
     test_results = getattr(model, "test_results", None)
-    if test_results is not None:
+    if test_results is not None and len(data.class_names) <= 50:
         plot_confusion_matrix(test_results["confusion"].numpy(), data.class_names, run_dir / "confusion_matrix.png")
     total = sum(p.numel() for p in model.parameters())
     trainable = model.trainable_parameter_count()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import digits, imagefolder
+from . import digits, imagefolder, omniglot
 from .dataset import FewShotDataset, seed_worker
 from .presets import (
     DEFAULT_CROP_PCT,
@@ -33,7 +33,8 @@ from .sampling import sample_k_shot, stratified_split, write_selection
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("digits", "imagefolder")
+DATASETS = ("digits", "imagefolder", "digits+omniglot")
+DIGITS_LIKE = ("digits", "digits+omniglot")
 SELECTION_FILE = "fewshot_selection.csv"
 # 8x8 digits lose strokes to aggressive crops; a mild crop still varies position and thickness.
 DIGITS_SCALE: tuple[float, float] = (0.85, 1.0)
@@ -64,9 +65,11 @@ class FewShotDataModule(L.LightningDataModule):
     never taken from the test set.
 
     Args:
-        dataset: ``"digits"`` (scikit-learn's 8x8 handwritten digits, embedded, no download) or ``"imagefolder"``
-            (``root/<class>/<images>``, or ``root/train`` + ``root/test`` and/or ``root/val``).
-        root: Folder of the ImageFolder dataset; must be left unset for ``"digits"``.
+        dataset: ``"digits"`` (scikit-learn's 8x8 handwritten digits, embedded, no download), ``"imagefolder"``
+            (``root/<class>/<images>``, or ``root/train`` + ``root/test`` and/or ``root/val``) or
+            ``"digits+omniglot"`` (pretraining data: the digits of ``classes`` plus every Omniglot background-small
+            character rendered like a digit; ``root`` is the folder of the Omniglot archives).
+        root: Folder of the ImageFolder dataset or of the Omniglot archives; must be left unset for ``"digits"``.
         classes: Digits only: ``"novel"`` (digits 5-9), ``"base"`` (0-4) or ``"all"`` (0-9).
         shots: Training images per class (k); ``None`` trains on the whole training pool.
         seed: Seed of the k-shot draw, the validation draw and the training shuffle and augmentation.
@@ -132,6 +135,8 @@ class FewShotDataModule(L.LightningDataModule):
         # setup, and fails early on a wrong root.
         if dataset == "digits":
             self._class_names = digits.digits_class_names(classes)
+        elif dataset == "digits+omniglot":
+            self._class_names = omniglot.digits_with_omniglot_class_names(root, classes)
         else:
             self._class_names = imagefolder.imagefolder_classes(root)
         self._parts: dict[str, FewShotDataset] | None = None
@@ -170,7 +175,7 @@ class FewShotDataModule(L.LightningDataModule):
         Keys: ``image_size``, ``mean``, ``std``, ``crop_pct``, ``hflip``, ``crop_scale`` and ``interpolation``
         (always ``"bicubic"``; what an exported ``pretrained_cfg`` should state).
         """
-        is_digits = self.dataset == "digits"
+        is_digits = self.dataset in DIGITS_LIKE
         given, backbone = self._explicit, self._backbone_config
         return {
             "image_size": _first(given["image_size"], backbone.get("image_size"), DEFAULT_IMAGE_SIZE),
@@ -188,7 +193,8 @@ class FewShotDataModule(L.LightningDataModule):
         """Load (and for ImageFolder check) every image list and draw the shots; runs once, later calls return."""
         if self._parts is not None:
             return
-        pool, test, val = self._load_digits() if self.dataset == "digits" else self._load_imagefolder()
+        loaders = {"digits": self._load_digits, "digits+omniglot": self._load_digits_with_omniglot}
+        pool, test, val = loaders.get(self.dataset, self._load_imagefolder)()
         train_idx = self._draw_shots(pool.labels)
         if val is None and self.val_fraction > 0:
             val, train_idx = self._draw_val(pool, train_idx)
@@ -236,6 +242,11 @@ class FewShotDataModule(L.LightningDataModule):
         test_images, test_labels, _ = digits.digits_split(self.classes, "test")
         return _items(images, labels), _items(test_images, test_labels), None
 
+    def _load_digits_with_omniglot(self) -> tuple[FewShotDataset, FewShotDataset, None]:
+        images, labels, _ = omniglot.digits_with_omniglot(self.root, self.classes, "train")
+        test_images, test_labels, _ = omniglot.digits_with_omniglot(self.root, self.classes, "test")
+        return _items(images, labels), _items(test_images, test_labels), None
+
     def _load_imagefolder(self) -> tuple[FewShotDataset, FewShotDataset, FewShotDataset | None]:
         found = imagefolder.scan_imagefolder(self.root, self.test_fraction, self.on_bad_image)
         self._class_names = found.class_names
@@ -264,8 +275,10 @@ class FewShotDataModule(L.LightningDataModule):
 
     def _selection_rows(self, pool: FewShotDataset, train_idx: list[int]) -> list[dict]:
         """One CSV row per training image: what identifies it outside this package, its label and class."""
-        if self.dataset == "digits":
-            column, ids = "digits_index", [int(i) for i in digits.digits_indices(self.classes, "train")]
+        if self.dataset in DIGITS_LIKE:
+            # Rows past the digits are Omniglot images, numbered after them in archive order.
+            ids = [int(i) for i in digits.digits_indices(self.classes, "train")]
+            column, ids = "digits_index", ids + [-1 - i for i in range(len(pool) - len(ids))]
         else:
             column, ids = "path", [Path(p).relative_to(self.root).as_posix() for p in pool.images]
         names = self._class_names
@@ -300,8 +313,9 @@ def _check_arguments(dataset, root, shots, seed, val_fraction, max_val_per_class
     problems = {
         "dataset": (dataset not in DATASETS, f"must be one of {DATASETS}, got {dataset!r}"),
         "root": (
-            (dataset == "imagefolder") != (root is not None),
-            "is required for dataset='imagefolder' and must be unset for 'digits'",
+            (dataset != "digits") != (root is not None),
+            "is required for 'imagefolder' (the image folder) and 'digits+omniglot' (the Omniglot archives) and "
+            "must be unset for 'digits'",
         ),
         "shots": (shots is not None and shots < 1, f"must be >= 1 or None, got {shots}"),
         "seed": (seed < 0, f"must be >= 0, got {seed}"),
