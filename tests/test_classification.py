@@ -98,3 +98,31 @@ def test_two_process_ddp_keeps_lora_weights_identical(tmp_path):
         assert torch.equal(value, rank1["lora"][name]), name
     assert any("lora_B" in n and value.abs().sum() > 0 for n, value in rank0["lora"].items())
     assert rank0["metrics"]["val/loss"] == pytest.approx(rank1["metrics"]["val/loss"])
+
+
+def _tiny_backbone_for(config: Path) -> list[str]:
+    text = config.read_text()
+    if "vit" in text.split("backbone:")[1].split("\n")[0]:
+        return ["--model.backbone", "vit_tiny_patch16_224", "--model.model_args", TINY_VIT]
+    family = "test_convnext" if "convnext" in text else "test_resnet"
+    return ["--model.backbone", family, "--model.model_args", "{}"]
+
+
+TRAINING_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "lora" != p.parent.name)
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=[str(p.relative_to(ROOT)) for p in TRAINING_CONFIGS])
+def test_every_shipped_config_parses_and_builds(config, tmp_path):
+    """Each YAML under configs/ builds its model, data and trainer (tiny backbone swapped in, no training)."""
+    from visionlora.cli import VisionLoraCLI
+    from visionlora.data import FewShotDataModule
+
+    args = ["--config", str(config), *_tiny_backbone_for(config), "--model.pretrained", "false",
+            "--model.pretrained_file", "null", "--data.dataset", "digits", "--data.root", "null",
+            "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--trainer.precision", "32-true", "--runs_dir", str(tmp_path)]
+    cli = VisionLoraCLI(LoraClassifier, FewShotDataModule, run=False, args=args)
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes
+    assert cli.model.trainable_parameter_count() > 0
+    if cli.model.hparams.method == "lora":
+        assert cli.model.trainable_parameter_count() < sum(p.numel() for p in cli.model.parameters())
