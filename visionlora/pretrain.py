@@ -29,7 +29,7 @@ def export_pretrained(cli, row: dict, export_dir: Path) -> Path:
         model_args=model.model_args,
         command="python tools/pretrain.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         seed=cli.config.seed_everything,
-        classes=", ".join(data.class_names),
+        classes=summarise_classes(data.class_names),
         dataset=getattr(data, "dataset", "?"),
         accuracy=100 * row["test acc"],
         params=sum(p.numel() for p in model.model.parameters()),
@@ -42,6 +42,13 @@ def export_pretrained(cli, row: dict, export_dir: Path) -> Path:
     (export_dir / "MODEL_CARD.md").write_text(card)
     print(f"exported backbone to {export_dir} (sha256 {digest[:16]}...)")
     return export_dir
+
+
+def summarise_classes(names: list[str], shown: int = 8) -> str:
+    """A readable list of the source classes: all of them when few, else the first ones and a count."""
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])}, ... ({len(names)} classes)"
 
 
 MODEL_CARD = """# {name}
