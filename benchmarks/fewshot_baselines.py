@@ -37,18 +37,15 @@ METHODS: dict[str, list[str]] = {
 
 
 def raw_pixel_1nn(shots: int, seed: int) -> float:
-    """Nearest neighbour on raw pixels of the same k-shot training images (the no-learning baseline)."""
+    """Nearest neighbour (Euclidean) on the raw 8x8 pixels of the same k-shot images: the no-learning baseline."""
     data = FewShotDataModule(dataset="digits", classes="novel", shots=shots, seed=seed)
     data.setup("fit")
-    train_x, train_y = _stack(data.train_dataloader())
-    test_x, test_y = _stack(data.test_dataloader())
-    nearest = torch.cdist(test_x.flatten(1), train_x.flatten(1)).argmin(dim=1)
+    train, test = data.raw_split("train"), data.raw_split("test")
+    train_x = torch.as_tensor(np.stack(train.images)[..., 0], dtype=torch.float32).flatten(1)
+    test_x = torch.as_tensor(np.stack(test.images)[..., 0], dtype=torch.float32).flatten(1)
+    nearest = torch.cdist(test_x, train_x).argmin(dim=1)
+    train_y, test_y = torch.as_tensor(train.labels), torch.as_tensor(test.labels)
     return (train_y[nearest] == test_y).float().mean().item()
-
-
-def _stack(loader) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = zip(*[(x, y) for x, y in loader], strict=True)
-    return torch.cat(images), torch.cat(labels)
 
 
 def run_cell(method: str, shots: int, seed: int, runs_dir: str) -> dict:
@@ -85,7 +82,7 @@ def main() -> None:
             for method in args.methods:
                 for seed in args.seeds:
                     result = run_cell(method, shots, seed, runs_dir)
-                    cells.append({"method": method, "shots": shots, "seed": seed, **result})
+                    cells.append({**result, "method": method, "shots": shots, "seed": seed})
                     print(f"[{len(cells)}] {method:>15} shots={shots} seed={seed} acc={100 * result['test acc']:.1f}")
     rows = summarise(cells)
     table = format_table(rows)

@@ -237,6 +237,13 @@ class FewShotDataModule(L.LightningDataModule):
         dataset = FewShotDataset(test.images, test.labels, self._eval_transform())
         return torch.stack([dataset[i][0] for i in _classes_in_turn(test.labels, n)])
 
+    def raw_split(self, part: str) -> FewShotDataset:
+        """The untransformed images (uint8 H x W x 3 arrays or file paths) and labels of ``train``/``val``/``test``."""
+        self.setup()
+        if part not in self._parts:
+            raise ValueError(f"FewShotDataModule has no {part!r} split; it has {sorted(self._parts)}")
+        return self._parts[part]
+
     def _load_digits(self) -> tuple[FewShotDataset, FewShotDataset, None]:
         images, labels, _ = digits.digits_split(self.classes, "train")
         test_images, test_labels, _ = digits.digits_split(self.classes, "test")
