@@ -11,4 +11,4 @@ from visionlora.cli import main
 if __name__ == "__main__":
     if not any(arg.startswith("--config") for arg in sys.argv[1:]):
         sys.exit("usage: python tools/pretrain.py --config configs/pretrain/<name>.yaml [overrides]")
-    main(sys.argv[1:])
+    main()

@@ -14,4 +14,5 @@ from visionlora.cli import main
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["--config", str(DEFAULT_CONFIG)])
+    # Arguments given: LightningCLI reads them from sys.argv itself; none: run the default config.
+    main(None if sys.argv[1:] else ["--config", str(DEFAULT_CONFIG)])
