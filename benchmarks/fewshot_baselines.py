@@ -101,5 +101,4 @@ def _write(path: Path, text: str) -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

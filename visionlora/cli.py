@@ -75,8 +75,7 @@ def main(args: list[str] | None = None) -> dict:
     results = {}
     if cli.config.run_test:
         results = trainer.test(model, datamodule=data, ckpt_path=None, verbose=False)[0]
-    row = write_run_outputs(cli, results, seconds)
-    return row
+    return write_run_outputs(cli, results, seconds)
 
 
 def write_run_outputs(cli: VisionLoraCLI, results: dict, seconds: float) -> dict:

@@ -24,7 +24,7 @@ from torch import nn
 from .config import LoraConfig
 from .inject import attach, build_layers, lora_layers, lora_state
 from .peft_layout import from_peft, peft_rank, to_peft
-from .targets import LayerSpec
+from .targets import LayerSpec, outermost
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -202,7 +202,7 @@ def _pattern_value(patterns: dict, path: str, default):
 def _resolve_modules_to_save(model: nn.Module, config: dict) -> list[str]:
     names = config.get("modules_to_save") or []
     paths = [p for p, _ in model.named_modules() if p and any(p == n or p.endswith("." + n) for n in names)]
-    return [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]
+    return outermost(paths)
 
 
 def _config_from_peft(config: dict, specs: list[LayerSpec]) -> LoraConfig:

@@ -52,7 +52,11 @@ def find_head_path(model: nn.Module) -> str | None:
 def find_trainable_paths(model: nn.Module, patterns: list[str]) -> list[str]:
     """Paths of modules that ``LoraConfig.trainable`` regexes fully match (trained fully, never wrapped)."""
     paths = [path for path, _ in model.named_modules() if path and any(re.fullmatch(p, path) for p in patterns)]
-    # Keep only outermost matches: a matched module's children are trained with it.
+    return outermost(paths)
+
+
+def outermost(paths: list[str]) -> list[str]:
+    """The paths not nested in another listed path: a module's children are trained with it."""
     return [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]
 
 
