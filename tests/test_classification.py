@@ -14,6 +14,7 @@ from visionlora.cli import main as train_main
 from visionlora.tasks import LoraClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
+VIT_DIGITS = "local-dir:" + str(ROOT / "data" / "weights" / "vit_digits")
 TINY_VIT = '{"img_size": 24, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}'
 FAST = ["--model.backbone", "vit_tiny_patch16_224", "--model.pretrained_file", "null", "--model.model_args",
         TINY_VIT, "--data.dataset", "digits", "--data.shots", "2", "--data.image_size", "24",
@@ -32,7 +33,7 @@ def _run_dir(tmp_path: Path) -> Path:
 
 
 def test_train_writes_run_directory_with_small_checkpoint(tmp_path):
-    row = _run(tmp_path, "--trainer.max_epochs", "2")
+    row = _run(tmp_path, "--trainer.max_epochs", "2", "--model.pretrained_file", VIT_DIGITS, "--model.model_args", "{}")
     run_dir = _run_dir(tmp_path)
     for name in ["config.yaml", "metrics.csv", "training_curves.png", "confusion_matrix.png", "results.json",
                  "fewshot_selection.csv", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
@@ -45,6 +46,15 @@ def test_train_writes_run_directory_with_small_checkpoint(tmp_path):
     assert all("lora_" in k or k.startswith("model.head.") for k in saved)
     assert sum(v.numel() for v in saved.values()) == row["trainable"]
     assert len((run_dir / "fewshot_selection.csv").read_text().strip().splitlines()) == 1 + 2 * 5
+
+
+def test_checkpoint_of_a_random_backbone_keeps_every_tensor(tmp_path):
+    """No pretrained weights to rebuild the frozen base from: the checkpoint must hold it, or it is lost."""
+    _run(tmp_path, "--trainer.max_epochs", "1", "--run_test", "false")
+    saved = torch.load(_run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    model = LoraClassifier("vit_tiny_patch16_224", 5, model_args=json.loads(TINY_VIT),
+                           lora=LoraConfig(targets=["conv"]))
+    assert set(saved) == set(model.state_dict())
 
 
 def test_resume_from_last_checkpoint_completes_training(tmp_path):

@@ -1,0 +1,77 @@
+"""Merge a trained LoRA into its backbone and write a plain timm folder (no visionlora needed to load it).
+
+    python tools/export_merged.py runs/default/<time>                       # -> runs/default/<time>/merged
+    python tools/export_merged.py runs/default/<time>/checkpoints/last.ckpt --out exported/digits --dtype fp16
+    python tools/export_merged.py --adapter runs/default/<time>/adapter --base test_resnet \
+        --pretrained-file local-dir:data/weights/resnet_digits --out exported/digits --onnx
+
+Every export is checked against the adapted model; exit codes: 0 written, 1 check failed (nothing written),
+2 bad input (nothing written).
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from visionlora.export import (
+    DTYPES,
+    ExportError,
+    VerificationError,
+    export_merged,
+    source_from_adapter,
+    source_from_path,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("source", nargs="?", help="run directory or Lightning checkpoint (omit with --adapter)")
+    parser.add_argument("--out", help="output folder (default: <run directory>/merged)")
+    parser.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--base", help="with --adapter: timm architecture of the base model")
+    parser.add_argument("--pretrained-file", help="with --adapter: base weights file or local-dir:<folder>")
+    parser.add_argument("--pretrained", action="store_true", help="with --adapter: base weights from the hub")
+    parser.add_argument("--model-args", type=json.loads, default=None,
+                        help='with --adapter: JSON, e.g. {"img_size": 24}')
+    parser.add_argument("--num-classes", type=int, help="expected classes (checked against the checkpoint/adapter)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="precision of the written weights")
+    parser.add_argument("--tolerance", type=float, help="max relative output difference (default per dtype)")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (checked if onnxruntime is there)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        source, out = load_source(args)
+        report = export_merged(source, out, args.dtype, args.tolerance, args.onnx, args.force)
+    except ExportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except VerificationError as error:
+        print(f"verification failed: {error}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+def load_source(args: argparse.Namespace):
+    if args.adapter:
+        if not args.base or not args.out:
+            raise ExportError("--adapter needs --base and --out")
+        source = source_from_adapter(args.adapter, args.base, args.pretrained_file, args.pretrained,
+                                     args.num_classes, args.model_args)
+        return source, Path(args.out)
+    if not args.source:
+        raise ExportError("give a run directory or checkpoint, or --adapter with --base")
+    source = source_from_path(args.source, args.num_classes)
+    path = Path(args.source)
+    return source, Path(args.out) if args.out else (path if path.is_dir() else path.parent.parent) / "merged"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
