@@ -5,11 +5,14 @@ Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106
 
 from .lora import (
     LoraConfig,
+    RankReport,
     inject_lora,
     load_adapter,
     lora_layers,
     lora_summary,
     merge_lora,
+    rank_report,
+    rank_report_from_adapter,
     save_adapter,
     unload_lora,
     unmerge_lora,
@@ -19,11 +22,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig",
+    "RankReport",
     "inject_lora",
     "load_adapter",
     "lora_layers",
     "lora_summary",
     "merge_lora",
+    "rank_report",
+    "rank_report_from_adapter",
     "save_adapter",
     "unload_lora",
     "unmerge_lora",

@@ -7,12 +7,16 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs write PNG files, nothing is shown
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from visionlora.lora.rank import RankReport
 
 
 def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -93,3 +97,31 @@ def _save(figure, out_png: str | Path) -> Path:
     plt.close(figure)
     os.replace(temporary, out_png)
     return out_png
+
+
+def plot_rank_spectra(report: RankReport, out_png: str | Path) -> Path:
+    """Each LoRA update's normalised singular values (left, log scale) and cumulative energy (right) against k.
+
+    One line per update, coloured by its position in the model (a colorbar, not a legend, so 50+ layers stay
+    legible); dashed lines mark the report's energy thresholds. Updates with ΔW = 0 have no spectrum and are skipped.
+    """
+    rows = [row for row in report.rows if any(row.singular_values)]
+    colours = plt.get_cmap("viridis")
+    figure, (sigma_axis, energy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for index, row in enumerate(rows):
+        k = np.arange(1, len(row.singular_values) + 1)
+        normalised = np.asarray(row.normalised)
+        colour = colours(index / max(len(rows) - 1, 1))
+        sigma_axis.plot(k, np.where(normalised > 0, normalised, np.nan), color=colour, alpha=0.7, linewidth=1)
+        energy_axis.plot(np.r_[0, k], np.r_[0, np.cumsum(normalised**2)], color=colour, alpha=0.7, linewidth=1)
+    for energy in report.energies:
+        energy_axis.axhline(energy, color="grey", linestyle="--", linewidth=0.8)
+        energy_axis.text(0, energy, f"{100 * energy:g}%", va="bottom", fontsize=8, color="grey")
+    sigma_axis.set(yscale="log", xlabel="k", ylabel=r"$\sigma_k\,/\,\|\Delta W\|_F$", title="singular values of ΔW")
+    energy_axis.set(xlabel="k (rank kept)", ylabel="energy kept", title="cumulative energy", ylim=(0, 1.02))
+    for axis in (sigma_axis, energy_axis):
+        axis.grid(alpha=0.3)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    mappable = plt.cm.ScalarMappable(cmap=colours, norm=plt.Normalize(0, max(len(rows) - 1, 1)))
+    figure.colorbar(mappable, ax=energy_axis, label="update index (model order)")
+    return _save(figure, out_png)

@@ -8,6 +8,7 @@ from .layer import LoraLayer
 from .linear import LoraFusedQKV, LoraLinear
 from .merge import merge_lora, unload_lora, unmerge_lora
 from .mha import LoraMultiheadAttention
+from .rank import RankReport, rank_report, rank_report_from_adapter
 from .summary import LoraSummary, lora_summary
 
 __all__ = [
@@ -19,12 +20,15 @@ __all__ = [
     "LoraLinear",
     "LoraMultiheadAttention",
     "LoraSummary",
+    "RankReport",
     "inject_lora",
     "load_adapter",
     "lora_summary",
     "lora_layers",
     "lora_state",
     "merge_lora",
+    "rank_report",
+    "rank_report_from_adapter",
     "save_adapter",
     "unload_lora",
     "unmerge_lora",
