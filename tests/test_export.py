@@ -71,8 +71,9 @@ data = load_file({str(tmp_path / "check.safetensors")!r})
 config = json.load(open(folder + "/config.json"))
 args = {{k: v for k, v in config["model_args"].items() if k != "num_classes"}}
 by_dir = timm.create_model("local-dir:" + folder, pretrained=True).eval()
-by_file = timm.create_model(config["architecture"], pretrained=True, num_classes=config["num_classes"],
-                            pretrained_cfg_overlay=dict(file=folder + "/model.safetensors", num_classes=config["num_classes"]),
+n = config["num_classes"]
+by_file = timm.create_model(config["architecture"], pretrained=True, num_classes=n,
+                            pretrained_cfg_overlay=dict(file=folder + "/model.safetensors", num_classes=n),
                             **args).eval()
 plain_keys = set(timm.create_model(config["architecture"], num_classes=config["num_classes"], **args).state_dict())
 with torch.no_grad():
