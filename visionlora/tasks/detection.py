@@ -1,0 +1,195 @@
+"""Few-shot object detection as a LightningModule: a torchvision detector on a timm backbone adapted with LoRA.
+
+Loss, COCO-style mAP and optimiser groups live here; data loading does not (see ``visionlora.data``). A batch is
+``(images, targets)``: a list of float [3, H, W] images in 0..1 and a list of dicts with ``boxes`` (float [N, 4],
+absolute xyxy pixels) and ``labels`` (int64 [N], 1..num_classes). LoRA follows Hu et al. 2021 (arXiv:2106.09685);
+LoRA+ (Hayou et al. 2024, arXiv:2402.12354) gives B a larger learning rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.detection import MeanAveragePrecision
+
+from visionlora.lora import LoraConfig
+from visionlora.models.detection import (
+    METHODS,
+    create_detector,
+    default_lora_targets,
+    freeze_for_method,
+    resolve_backbone,
+)
+
+from .classification import warmup_cosine
+
+# The hyperparameters that describe the detector's architecture: enough to rebuild it (see detector_from_hparams).
+DETECTOR_KWARGS = ("backbone", "num_classes", "detector", "pretrained", "pretrained_file", "model_args",
+                   "out_indices", "fpn_channels", "min_size", "max_size", "anchor_scale", "image_mean", "image_std",
+                   "detector_args")
+SUMMARY_METRICS = ("map", "map_50", "map_75")
+# Per-class APs stop being readable (and cheap to log) beyond this many classes.
+MAX_CLASSES_PER_CLASS_LOG = 50
+
+
+class LoraDetector(L.LightningModule):
+    """A detector (FCOS, RetinaNet, Faster R-CNN) on a timm backbone, fine-tuned with LoRA, frozen or fully.
+
+    Args:
+        backbone: timm architecture name, e.g. ``resnet50`` or ``vit_small_patch16_224``.
+        num_classes: Foreground classes (labels 1..num_classes; 0 is background).
+        detector: ``fcos``, ``retinanet`` or ``faster_rcnn``.
+        pretrained: Load timm's pretrained backbone weights from the model hub.
+        pretrained_file: Local backbone weights: a file, or ``local-dir:<folder>`` (``data/weights/resnet_digits``).
+        model_args: Extra ``timm.create_model`` arguments (``img_size``, ``drop_path_rate``, ...).
+        out_indices: timm feature levels feeding the FPN (default: strides 8/16/32, or a plain ViT's last block).
+        fpn_channels: Channels of the FPN and head (a multiple of 32 for FCOS).
+        min_size: Shorter image side after the detector's own resize.
+        max_size: Cap on the longer side after that resize.
+        anchor_scale: Anchor side / stride for RetinaNet and Faster R-CNN.
+        image_mean: Normalisation mean; default (None): the backbone's pretrained_cfg, then recorded here.
+        image_std: Normalisation std; default as ``image_mean``.
+        detector_args: Extra torchvision detector arguments (``score_thresh``, ``detections_per_img``, ...).
+        method: ``lora`` (LoRA in the backbone; FPN and head train fully), ``frozen`` (backbone frozen) or ``full``.
+        lora: LoRA settings (``method="lora"``); default: rank 8 on ``attn`` for attention backbones, else ``conv``.
+        adapt: Where LoRA goes: ``backbone``, ``backbone+fpn`` or ``all`` (see ``apply_detector_lora``).
+        lr: Learning rate of the LoRA parameters.
+        head_lr: Learning rate of the FPN, head and other fully trained modules (default: ``lr``).
+        backbone_lr: Learning rate of the backbone weights with ``method="full"`` (default: ``lr``).
+        lora_weight_decay: AdamW weight decay on the LoRA matrices.
+        head_weight_decay: AdamW weight decay on the FPN and head.
+        backbone_weight_decay: AdamW weight decay on backbone weights (``method="full"``).
+        loraplus_lr_ratio: LoRA+: B's learning rate is this many times A's (None: same).
+        warmup_fraction: Fraction of the steps spent in linear warmup before the cosine decay.
+    """
+
+    def __init__(self, backbone: str = "resnet50", num_classes: int = 5, detector: str = "fcos",
+                 pretrained: bool = False, pretrained_file: str | None = None, model_args: dict | None = None,
+                 out_indices: tuple[int, ...] | None = None, fpn_channels: int = 128, min_size: int = 256,
+                 max_size: int = 512, anchor_scale: float = 4.0, image_mean: list[float] | None = None,
+                 image_std: list[float] | None = None, detector_args: dict | None = None, method: str = "lora",
+                 lora: LoraConfig | dict | None = None, adapt: str = "backbone", lr: float = 1e-3,
+                 head_lr: float | None = None, backbone_lr: float | None = None, lora_weight_decay: float = 0.01,
+                 head_weight_decay: float = 0.01, backbone_weight_decay: float = 0.05,
+                 loraplus_lr_ratio: float | None = None, warmup_fraction: float = 0.1) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["lora"])
+        # Self-describing hparams: a local-dir folder's architecture and shape, so a rebuild needs no folder.
+        self.hparams["backbone"], self.hparams["model_args"] = resolve_backbone(backbone, pretrained_file, model_args)
+        self.model = create_detector(**{k: self.hparams[k] for k in DETECTOR_KWARGS})
+        # Record what the backbone's config chose, so the detector can be rebuilt without its weights.
+        self.hparams["image_mean"] = list(self.model.transform.image_mean)
+        self.hparams["image_std"] = list(self.model.transform.image_std)
+        lora = LoraConfig(**lora) if isinstance(lora, dict) else lora  # a checkpoint stores it as a dict
+        lora = lora or LoraConfig(targets=default_lora_targets(self.model))
+        self.hparams["lora"] = asdict(lora)
+        freeze_for_method(self.model, method, lora, adapt)
+        # Checkpoints hold only trained tensors; the frozen rest is rebuilt from the pretrained weights.
+        self.strict_loading = False
+        self.val_map = MeanAveragePrecision(box_format="xyxy")
+        self.test_map = MeanAveragePrecision(box_format="xyxy", class_metrics=True)
+
+    # ----- steps --------------------------------------------------------------------------------------------
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        """Losses (train mode, with targets) or per-image detections ``boxes``/``scores``/``labels`` (eval)."""
+        return self.model(images, targets)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        losses = self(images, targets)
+        loss = sum(losses.values())
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=len(images))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        self.val_map.update(self(images), targets)
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_map.compute()
+        for name in SUMMARY_METRICS:
+            self.log(f"val/{name}", results[name], prog_bar=name == "map", sync_dist=True)
+        self.val_map.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        self.test_map.update(self(images), targets)
+
+    def on_test_epoch_end(self) -> None:
+        results = self.test_map.compute()
+        for name in SUMMARY_METRICS:
+            self.log(f"test/{name}", results[name], sync_dist=True)
+        # With a single class torchmetrics returns 0-d tensors.
+        classes, per_class = results["classes"].reshape(-1), results["map_per_class"].reshape(-1)
+        if len(classes) <= MAX_CLASSES_PER_CLASS_LOG:
+            for label, value in zip(classes.tolist(), per_class, strict=False):
+                self.log(f"test/ap_class_{label}", value, sync_dist=True)
+        self.test_results = {name: results[name].cpu() for name in SUMMARY_METRICS}
+        self.test_results |= {"classes": classes.cpu(), "map_per_class": per_class.cpu()}
+        self.test_map.reset()
+
+    # ----- optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameter_groups())
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_fraction * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: LoRA A (and B, separately under LoRA+), backbone weights (``full``), and the rest."""
+        h = self.hparams
+        buckets: dict[str, list[nn.Parameter]] = {"lora_A": [], "lora_B": [], "head": [], "backbone": []}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                buckets[self._bucket(name)].append(param)
+        settings = {
+            "lora_A": (h.lr, h.lora_weight_decay),
+            "lora_B": (h.lr * (h.loraplus_lr_ratio or 1.0), h.lora_weight_decay),
+            "head": (h.head_lr if h.head_lr is not None else h.lr, h.head_weight_decay),
+            "backbone": (h.backbone_lr if h.backbone_lr is not None else h.lr, h.backbone_weight_decay),
+        }
+        return [
+            {"params": params, "lr": settings[name][0], "weight_decay": settings[name][1], "name": name}
+            for name, params in buckets.items()
+            if params
+        ]
+
+    def _bucket(self, name: str) -> str:
+        leaf = name.rpartition(".")[2]
+        if leaf.startswith("lora_"):
+            return "lora_B" if "_B" in leaf else "lora_A"
+        # Under LoRA, backbone weights that still train are modules the config asked to train fully: head rate.
+        if name.startswith("backbone.body.") and self.hparams.method == "full":
+            return "backbone"
+        return "head"
+
+    # ----- small checkpoints --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only what is trained: the frozen backbone is rebuilt from its pretrained weights on load."""
+        if self.hparams.method == "full":
+            return
+        trained = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k in trained or not k.startswith("model.")}
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def detector_from_hparams(hparams: dict) -> nn.Module:
+    """A fresh, weightless :func:`create_detector` model for ``LoraDetector`` hparams (e.g. a checkpoint's).
+
+    The state_dict of the trained detector after ``unload_detector_lora`` loads into it with ``strict=True``:
+    this is how an export rebuilds the merged model without the backbone's pretrained weights at hand.
+    """
+    kwargs = {k: hparams[k] for k in DETECTOR_KWARGS} | {"pretrained": False, "pretrained_file": None}
+    return create_detector(**kwargs)
