@@ -3,16 +3,31 @@
 The archives (``images_background_small1.zip``, ``images_background_small2.zip``, ``all_runs.zip``) or their
 unpacked folders are read by path; nothing is downloaded or copied. Characters are black ink on white 105x105 PNGs.
 
-``render="digits"`` turns each character into the 8x8, 0..16-intensity format of scikit-learn's handwritten digits
-(ink bounding box, centred in a square, 32x32 bitmap, 4x4 block counts: the UCI digits' own preprocessing), so a
-backbone pretrained on Omniglot sees the same kind of image as the digits few-shot task.
+Renders (every one returns ink bright on black, ``[H, W, 3]`` uint8):
+
+- ``"native"``: the 105x105 binary image as stored.
+- ``"digits"``: the 8x8, 0..16-intensity format of scikit-learn's handwritten digits (ink bounding box, centred in a
+  square, 32x32 bitmap, 4x4 block counts: the UCI digits' own preprocessing), so a backbone pretrained on Omniglot
+  sees the same kind of image as the digits few-shot task.
+- ``"centred"``: the input of the one-shot benchmark's ConvNets. The ink's bounding box is centred in a square
+  (aspect ratio kept), a margin of ``CENTRED_MARGIN`` of the box side is added all round, and the square is
+  area-averaged down to ``CENTRED_SIDE`` (28) pixels of grey. Centring the ink removes where on the 105 px canvas a
+  drawer happened to write, as Lake et al.'s modified-Hausdorff baseline does with centred ink coordinates, and
+  scaling to the box removes the drawer's writing size; the margin leaves room for shift augmentation. Pretraining
+  (``omniglot_background_part``) and the one-shot runs (``omniglot_one_shot_runs``) use this same render.
+
+The 20 official one-shot runs (``all_runs.zip``) are each a 20-way 1-shot problem inside one evaluation alphabet:
+one training image of each of 20 characters and 20 test images drawn by other people. The archive renames every
+file (``runNN/training/classKK.png``), so the alphabet of a run is not recoverable from it.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +37,37 @@ from PIL import Image
 from . import digits
 
 BACKGROUND_SMALL = ("images_background_small1", "images_background_small2")
-RENDERS = ("native", "digits")
+RENDERS = ("native", "digits", "centred")
+CENTRED_SIDE = 28
+CENTRED_MARGIN = 0.1
+# Each background character was drawn by 20 people; files are named <image id>_<drawer 01..20>.png. A fixed split
+# by drawer keeps every character in both parts, so pretraining reports accuracy on unseen handwriting.
+DRAWERS = 20
+TRAIN_DRAWERS = range(1, 17)
+TEST_DRAWERS = range(17, 21)
+RUNS_ARCHIVE = "all_runs"
+NUM_RUNS = 20
+RUN_WAYS = 20
+_DRAWER_PATTERN = re.compile(r"_(\d{2})\.png$")
+
+
+@dataclass(frozen=True, eq=False)  # eq on numpy fields would raise, not compare
+class OneShotRun:
+    """One official 20-way 1-shot run: a training image per character, 20 test images to classify.
+
+    Attributes:
+        run_id: 1..20 (``runNN`` in the archive).
+        train_images: ``[20, H, W, 3]`` uint8, ink bright on black; row ``k`` is ``training/class{k+1:02d}.png``.
+        train_labels: ``[20]`` int64, ``0..19`` (the row index: each character appears once).
+        test_images: ``[20, H, W, 3]`` uint8; row ``i`` is ``test/item{i+1:02d}.png``.
+        test_labels: ``[20]`` int64, the training label of each test item as ``class_labels.txt`` gives it.
+    """
+
+    run_id: int
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
 
 
 def omniglot_background(root: str | Path, splits: tuple[str, ...] = BACKGROUND_SMALL, render: str = "digits"
@@ -32,18 +77,97 @@ def omniglot_background(root: str | Path, splits: tuple[str, ...] = BACKGROUND_S
     Returns:
         ``(images uint8 [N, H, W, 3] ink bright on black, labels int64 [N], class names "split/alphabet/char")``.
     """
-    if render not in RENDERS:
-        raise ValueError(f"omniglot: render must be one of {RENDERS}, got {render!r}")
-    images, labels, names = [], [], {}
+    images, labels, names, _ = _read_background(Path(root), tuple(splits), render)
+    return images, labels, names
+
+
+def omniglot_background_class_names(root: str | Path, splits: tuple[str, ...] = BACKGROUND_SMALL) -> list[str]:
+    """The class names of :func:`omniglot_background`, in label order, from the file names alone (nothing decoded)."""
+    names: dict[str, None] = {}
     for split in splits:
-        for member, data in _split_pngs(Path(root), split):
-            parts = member.split("/")
-            name = "/".join([split, *parts[-3:-1]])
-            labels.append(names.setdefault(name, len(names)))
-            images.append(_render(data, render))
-    if not images:
+        for member in _split_members(Path(root), split):
+            names.setdefault("/".join([split, *member.split("/")[-3:-1]]))
+    if not names:
         raise ValueError(f"omniglot: no images for splits {splits} under {root}")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), list(names)
+    return list(names)
+
+
+def omniglot_background_part(root: str | Path, part: str = "train", render: str = "centred"
+                             ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """One drawer part of every background-small character: pretraining data with a held-out test set.
+
+    ``"train"`` holds drawers 1-16 and ``"test"`` drawers 17-20 of all 292 characters (``TRAIN_DRAWERS``,
+    ``TEST_DRAWERS``), so the test accuracy measures new handwriting of the training characters. Decoded once per
+    ``(root, render)`` and cached.
+
+    Returns:
+        ``(images uint8 [N, H, W, 3], labels int64 [N], class names, archive paths of the N images)``.
+    """
+    drawers = {"train": TRAIN_DRAWERS, "test": TEST_DRAWERS}
+    if part not in drawers:
+        raise ValueError(f"omniglot: part must be 'train' or 'test', got {part!r}")
+    images, labels, names, files = _cached_read_background(str(root), BACKGROUND_SMALL, render)
+    keep = np.flatnonzero(np.isin(_drawers(files), drawers[part]))
+    return images[keep], labels[keep], list(names), [files[i] for i in keep]
+
+
+def omniglot_one_shot_runs(root: str | Path, render: str = "centred") -> list[OneShotRun]:
+    """The 20 official within-alphabet 20-way 1-shot runs of Lake et al. (2015), checked.
+
+    Args:
+        root: Folder holding ``all_runs.zip`` or its unpacked ``all_runs/`` folder (``all_runs/runNN/...``).
+        render: One of ``RENDERS``; use the render the backbone was trained on (``"centred"`` for the bundled
+            ``resnet_omniglot``).
+
+    Returns:
+        The runs in order ``run01``..``run20``.
+
+    Raises:
+        FileNotFoundError: If neither the archive nor the folder exists.
+        ValueError: Naming the archive and file, if a run, image or ``class_labels.txt`` line is missing or wrong.
+    """
+    _check_render(render)
+    source, files = _read_tree(Path(root), RUNS_ARCHIVE)
+    run_names = sorted({name.split("/")[0] for name in files if re.fullmatch(r"run\d\d/.+", name)})
+    expected = [f"run{i:02d}" for i in range(1, NUM_RUNS + 1)]
+    if run_names != expected:
+        raise ValueError(f"omniglot: {source} must hold run01..run{NUM_RUNS:02d}, found {run_names}")
+    return [_one_shot_run(source, files, index, render) for index in range(1, NUM_RUNS + 1)]
+
+
+def _one_shot_run(source: Path, files: dict[str, bytes], run_id: int, render: str) -> OneShotRun:
+    run = f"run{run_id:02d}"
+    train = [f"{run}/training/class{k:02d}.png" for k in range(1, RUN_WAYS + 1)]
+    test = [f"{run}/test/item{k:02d}.png" for k in range(1, RUN_WAYS + 1)]
+    missing = [name for name in train + test if name not in files]
+    if missing:
+        raise ValueError(f"omniglot: {source} lacks {len(missing)} image(s) of {run}, e.g. {missing[0]}")
+    answers = _class_labels(source, files, run, train)
+    unlabelled = [name for name in test if name not in answers]
+    if unlabelled or len(answers) != RUN_WAYS:
+        raise ValueError(f"omniglot: {source}: {run}/class_labels.txt must map each of the {RUN_WAYS} test items "
+                         f"once; it maps {len(answers)}, missing {unlabelled[:3]}")
+    images = [np.stack([_render(files[name], render) for name in names]) for names in (train, test)]
+    return OneShotRun(run_id=run_id, train_images=images[0], train_labels=np.arange(RUN_WAYS, dtype=np.int64),
+                      test_images=images[1],
+                      test_labels=np.asarray([train.index(answers[n]) for n in test], dtype=np.int64))
+
+
+def _class_labels(source: Path, files: dict[str, bytes], run: str, train: list[str]) -> dict[str, str]:
+    """``{test item: training image}`` from ``runNN/class_labels.txt`` (one "test training" pair a line)."""
+    name = f"{run}/class_labels.txt"
+    if name not in files:
+        raise ValueError(f"omniglot: {source} lacks {name}")
+    answers = {}
+    for number, line in enumerate(files[name].decode().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[1] not in train:
+            raise ValueError(f"omniglot: {source}: {name} line {number} is not '<test item> <training image>' "
+                             f"of {run}: {line!r}")
+        answers[fields[0]] = fields[1]
+    return answers
 
 
 def digits_with_omniglot(root: str | Path, classes: str = "base", part: str = "train"
@@ -70,29 +194,113 @@ def _cached_background(root: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return omniglot_background(root, render="digits")
 
 
-def _split_pngs(root: Path, split: str) -> Iterator[tuple[str, bytes]]:
-    """(relative path, PNG bytes) of one split, from ``<split>.zip`` or the unpacked ``<split>/`` folder."""
+@lru_cache(maxsize=2)
+def _cached_read_background(root: str, splits: tuple[str, ...], render: str
+                            ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    return _read_background(Path(root), splits, render)
+
+
+def _read_background(root: Path, splits: tuple[str, ...], render: str
+                     ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Images, labels, class names and archive paths (``split/alphabet/char/file.png``) of the given splits."""
+    _check_render(render)
+    images, labels, names, files = [], [], {}, []
+    for split in splits:
+        for member, data in _split_pngs(root, split):
+            parts = member.split("/")
+            name = "/".join([split, *parts[-3:-1]])
+            labels.append(names.setdefault(name, len(names)))
+            images.append(_render(data, render))
+            files.append("/".join([split, *parts[-3:]]))
+    if not images:
+        raise ValueError(f"omniglot: no images for splits {splits} under {root}")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), list(names), files
+
+
+def _drawers(files: list[str]) -> np.ndarray:
+    """The drawer number (1..20) of each background file, from its ``<id>_<drawer>.png`` name."""
+    numbers = []
+    for name in files:
+        match = _DRAWER_PATTERN.search(name)
+        if match is None or not 1 <= int(match.group(1)) <= DRAWERS:
+            raise ValueError(f"omniglot: {name} is not named <image id>_<drawer 01..{DRAWERS}>.png")
+        numbers.append(int(match.group(1)))
+    return np.asarray(numbers)
+
+
+def _check_render(render: str) -> None:
+    if render not in RENDERS:
+        raise ValueError(f"omniglot: render must be one of {RENDERS}, got {render!r}")
+
+
+def _split_members(root: Path, split: str) -> list[str]:
+    """Relative paths of one split's PNGs, sorted, without reading them."""
     archive, folder = root / f"{split}.zip", root / split
     if archive.is_file():
         with zipfile.ZipFile(archive) as handle:
-            for member in sorted(handle.namelist()):
-                if member.endswith(".png"):
-                    yield member, handle.read(member)
-    elif folder.is_dir():
-        for path in sorted(folder.rglob("*.png")):
-            yield str(path.relative_to(root)), path.read_bytes()
+            return sorted(m for m in handle.namelist() if m.endswith(".png"))
+    if folder.is_dir():
+        return sorted(str(path.relative_to(root)) for path in folder.rglob("*.png"))
+    raise FileNotFoundError(f"omniglot: neither {archive} nor {folder} exists")
+
+
+def _split_pngs(root: Path, split: str) -> Iterator[tuple[str, bytes]]:
+    """(relative path, PNG bytes) of one split, from ``<split>.zip`` or the unpacked ``<split>/`` folder."""
+    archive, members = root / f"{split}.zip", _split_members(root, split)
+    if archive.is_file():
+        with zipfile.ZipFile(archive) as handle:
+            for member in members:
+                yield member, handle.read(member)
     else:
-        raise FileNotFoundError(f"omniglot: neither {archive} nor {folder} exists")
+        for member in members:
+            yield member, (root / member).read_bytes()
+
+
+def _read_tree(root: Path, name: str) -> tuple[Path, dict[str, bytes]]:
+    """``(source, {path inside it: bytes})`` for every file of ``<name>.zip`` or of the unpacked ``<name>/``."""
+    archive, folder = root / f"{name}.zip", root / name
+    if archive.is_file():
+        with zipfile.ZipFile(archive) as handle:
+            return archive, {m: handle.read(m) for m in handle.namelist() if not m.endswith("/")}
+    if folder.is_dir():
+        return folder, {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    raise FileNotFoundError(f"omniglot: neither {archive} nor {folder} exists")
 
 
 def _render(png: bytes, render: str) -> np.ndarray:
     ink = np.asarray(Image.open(io.BytesIO(png)).convert("L")) < 128
     if render == "native":
         grey = (ink * 255).astype(np.uint8)
+    elif render == "centred":
+        grey = render_centred(ink)
     else:
         # The same 0..16 -> 0..255 scaling as visionlora.data.digits.
         grey = np.rint(render_like_digits(ink) * (255.0 / 16.0)).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def render_centred(ink: np.ndarray, side: int = CENTRED_SIDE, margin: float = CENTRED_MARGIN) -> np.ndarray:
+    """A boolean ink mask as a ``side x side`` uint8 image: ink box centred with a margin, area-averaged to grey.
+
+    Args:
+        ink: ``[H, W]`` bool, True where there is ink.
+        side: Side of the output square.
+        margin: Empty border on each side, as a share of the ink box's longer side.
+
+    Returns:
+        ``[side, side]`` uint8, 255 where a pixel is fully covered by ink, 0 where there is none.
+    """
+    rows, cols = np.nonzero(ink)
+    if len(rows) == 0:
+        return np.zeros((side, side), dtype=np.uint8)
+    crop = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    height, width = crop.shape
+    full = int(round(max(height, width) * (1 + 2 * margin)))
+    square = np.zeros((full, full), dtype=np.uint8)
+    top, left = (full - height) // 2, (full - width) // 2
+    square[top : top + height, left : left + width] = crop * 255
+    # BOX resampling averages the covered source pixels: thin strokes turn grey instead of vanishing or aliasing.
+    return np.asarray(Image.fromarray(square).resize((side, side), Image.BOX))
 
 
 def render_like_digits(ink: np.ndarray) -> np.ndarray:
