@@ -32,22 +32,24 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
-    """Loss (left) and accuracy (right) against the optimiser step."""
+def plot_training_curves(metrics_csv: str | Path, out_png: str | Path,
+                         scores: tuple[str, ...] = ("train/acc", "val/acc"), score_label: str = "accuracy",
+                         loss_label: str = "cross-entropy") -> Path:
+    """Loss (left) and a 0..1 score (right; accuracy, or mAP for detection) against the optimiser step."""
     series = read_metrics_csv(metrics_csv)
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, axis in (("train/loss", loss_axis), ("val/loss", loss_axis), ("train/acc", acc_axis),
-                      ("val/acc", acc_axis)):
+    keys = [("train/loss", loss_axis), ("val/loss", loss_axis)] + [(key, acc_axis) for key in scores]
+    for key, axis in keys:
         if key in series:
             steps, values = zip(*series[key], strict=True)
             axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
-    loss_axis.set(xlabel="step", ylabel="cross-entropy", title="loss")
-    acc_axis.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    loss_axis.set(xlabel="step", ylabel=loss_label, title="loss")
+    acc_axis.set(xlabel="step", ylabel=score_label, title=score_label, ylim=(0, 1.02))
     for axis in (loss_axis, acc_axis):
         axis.grid(alpha=0.3)
         if axis.has_data():
             axis.legend()
-    return _save(figure, out_png)
+    return save_figure(figure, out_png)
 
 
 def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str], out_png: str | Path) -> Path:
@@ -65,7 +67,7 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str], out_png
         for (row, col), count in np.ndenumerate(confusion):
             colour = "white" if confusion[row, col] / totals[row, 0] > 0.5 else "black"
             axis.text(col, row, str(int(count)), ha="center", va="center", fontsize=8, color=colour)
-    return _save(figure, out_png)
+    return save_figure(figure, out_png)
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -87,7 +89,8 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
-def _save(figure, out_png: str | Path) -> Path:
+def save_figure(figure, out_png: str | Path) -> Path:
+    """Write ``figure`` as a PNG atomically (temporary file, then rename) and close it."""
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
@@ -124,4 +127,4 @@ def plot_rank_spectra(report: RankReport, out_png: str | Path) -> Path:
         axis.xaxis.get_major_locator().set_params(integer=True)
     mappable = plt.cm.ScalarMappable(cmap=colours, norm=plt.Normalize(0, max(len(rows) - 1, 1)))
     figure.colorbar(mappable, ax=energy_axis, label="update index (model order)")
-    return _save(figure, out_png)
+    return save_figure(figure, out_png)

@@ -51,6 +51,12 @@ class LoraClassifier(L.LightningModule):
             arXiv:1712.07136), which matters most at 1-5 shots; ``random`` keeps timm's initialisation.
         grad_checkpointing: Recompute block activations in the backward pass (timm's ``set_grad_checkpointing``):
             less memory, about a third more compute.
+        prototype_margin: With ``head_init="prototypes"``, scale the imprinted head so that the logit margin
+            between two prototypes, ½‖μ_c − μ_c'‖² averaged over class pairs, equals this (a temperature; the
+            predictions are unchanged). Unscaled margins are in the hundreds, the softmax saturates, and
+            cross-entropy on the 1-5 training images gives no gradient at all: fine-tuning would stay at the
+            nearest-class-mean classifier (cf. the cosine-logit initialisation of Dhillon et al. 2020,
+            arXiv:1909.02729). ``None`` keeps the unscaled NCM head.
     """
 
     def __init__(self, backbone: str = "vit_tiny_patch16_224", num_classes: int = 10, pretrained: bool = False,
@@ -59,7 +65,7 @@ class LoraClassifier(L.LightningModule):
                  backbone_lr: float | None = None, lora_weight_decay: float = 0.01, head_weight_decay: float = 0.01,
                  backbone_weight_decay: float = 0.05, loraplus_lr_ratio: float | None = None,
                  warmup_fraction: float = 0.1, label_smoothing: float = 0.0, head_init: str = "prototypes",
-                 grad_checkpointing: bool = False) -> None:
+                 grad_checkpointing: bool = False, prototype_margin: float | None = 4.0) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -153,14 +159,16 @@ class LoraClassifier(L.LightningModule):
             sums.index_add_(0, labels.to(self.device), features.float())
             counts += torch.bincount(labels.to(self.device), minlength=head.out_features).float()
         self.model.train(was_training)
-        # Every rank saw the same images (the loader is not sharded yet), but summing keeps ranks identical anyway.
-        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        if self._trainer is not None:
+            # Every rank saw the same images (the loader is not sharded yet); summing keeps ranks identical anyway.
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         seen = counts > 0
         means = sums[seen] / counts[seen, None]
-        head.weight[seen] = means.to(head.weight.dtype)
+        scale = prototype_scale(means, self.hparams.prototype_margin)
+        head.weight[seen] = (scale * means).to(head.weight.dtype)
         if head.bias is not None:
-            head.bias[seen] = (-0.5 * means.pow(2).sum(dim=1)).to(head.bias.dtype)
+            head.bias[seen] = (-0.5 * scale * means.pow(2).sum(dim=1)).to(head.bias.dtype)
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -222,6 +230,15 @@ class LoraClassifier(L.LightningModule):
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def prototype_scale(means: torch.Tensor, margin: float | None) -> float:
+    """The factor that makes the mean pairwise margin ½‖μ_c − μ_c'‖² of the NCM head equal ``margin`` (1 if None)."""
+    count = len(means)
+    if margin is None or count < 2:
+        return 1.0
+    mean_margin = 0.5 * torch.cdist(means, means).pow(2).sum().item() / (count * (count - 1))
+    return margin / mean_margin if mean_margin > 0 else 1.0
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -1,0 +1,168 @@
+"""One benchmark cell: fine-tune a fresh backbone on a few labelled images with one method and test it.
+
+The model, its frozen/trainable split, the AdamW groups, the warmup-cosine schedule and the prototype head
+initialisation are exactly ``LoraClassifier``'s (what ``tools/train.py`` trains); the loop is plain PyTorch with a
+fixed budget of optimiser steps, because a Lightning Trainer per cell would cost more than the cell itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from visionlora.data import FewShotDataset, eval_transform, train_transform
+from visionlora.data.datamodule import _with_random_affine as with_random_affine
+from visionlora.data.presets import seed_transform
+from visionlora.tasks import LoraClassifier
+from visionlora.tasks.classification import warmup_cosine
+
+from .methods import MethodSpec
+
+
+@dataclass
+class Backbone:
+    """Which pretrained backbone every cell starts from (``LoraClassifier``'s arguments of the same names)."""
+
+    name: str
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    model_args: dict | None = None
+    has_attention: bool | None = None  # filled in on first use
+
+
+@dataclass
+class CellData:
+    """The images of one cell: ``[N, H, W, 3]`` uint8 arrays or file paths, and labels ``0..num_classes-1``."""
+
+    train_images: np.ndarray | list
+    train_labels: np.ndarray
+    test_images: np.ndarray | list
+    test_labels: np.ndarray
+    num_classes: int
+
+
+@dataclass
+class Budget:
+    """Optimisation settings shared by every cell of a sweep."""
+
+    steps: int = 60
+    batch_size: int = 16
+    eval_batch_size: int = 256
+    warmup_fraction: float = 0.1
+
+
+@dataclass
+class CellResult:
+    accuracy: float
+    trainable_params: int
+    total_params: int
+    seconds: float
+
+
+def run_cell(spec: MethodSpec, backbone: Backbone, data: CellData, preprocessing: dict, budget: Budget,
+             seed: int) -> CellResult:
+    """Fine-tune with ``spec`` on ``data``'s training images (seeded), then return test accuracy and costs."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    test = _loader(data.test_images, data.test_labels, _eval(preprocessing), budget.eval_batch_size)
+    if spec.method == "pixel-nn":
+        train = _loader(data.train_images, data.train_labels, _eval(preprocessing), budget.eval_batch_size)
+        accuracy = pixel_nearest_neighbour(train, test)
+        return CellResult(accuracy, 0, 0, time.perf_counter() - started)
+    module = build_module(spec, backbone, data.num_classes, budget)
+    module.imprint_head(_loader(data.train_images, data.train_labels, _eval(preprocessing), budget.eval_batch_size))
+    if spec.trains:
+        train_steps(module, spec, data, preprocessing, budget, seed)
+    accuracy = test_accuracy(module, test)
+    changed = module.trainable_parameter_count() if spec.trains else _head_size(module)
+    total = sum(p.numel() for p in module.parameters())
+    return CellResult(accuracy, changed, total, time.perf_counter() - started)
+
+
+def build_module(spec: MethodSpec, backbone: Backbone, num_classes: int, budget: Budget) -> LoraClassifier:
+    """A fresh ``LoraClassifier`` for the method (``ncm`` builds a linear probe that is never stepped)."""
+    method = "linear" if spec.method == "ncm" else spec.method
+    lora = spec.lora_config(has_attention(backbone)) if method == "lora" else None
+    return LoraClassifier(backbone.name, num_classes, backbone.pretrained, backbone.pretrained_file,
+                          backbone.model_args, method=method, lora=lora, lr=spec.lr, head_lr=spec.head_lr,
+                          backbone_lr=spec.lr, warmup_fraction=budget.warmup_fraction)
+
+
+def has_attention(backbone: Backbone) -> bool:
+    """Whether the backbone has fused-qkv attention blocks (decides what LoRA's "all layers" means); cached."""
+    if backbone.has_attention is None:
+        probe = timm.create_model(backbone.name, pretrained=False, num_classes=2, **(backbone.model_args or {}))
+        backbone.has_attention = any(name.endswith("attn.qkv") for name, _ in probe.named_modules())
+    return backbone.has_attention
+
+
+def train_steps(module: LoraClassifier, spec: MethodSpec, data: CellData, preprocessing: dict, budget: Budget,
+                seed: int) -> None:
+    """``budget.steps`` AdamW steps on augmented training batches, cycling through the shuffled images."""
+    transform = train_transform(preprocessing["image_size"], preprocessing["mean"], preprocessing["std"],
+                                tuple(preprocessing["crop_scale"]), preprocessing["hflip"])
+    if preprocessing.get("affine"):  # the data module's random affine (Omniglot), as in its training loader
+        transform = with_random_affine(transform)
+    seed_transform(transform, seed)
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = min(budget.batch_size, len(data.train_labels))
+    loader = _loader(data.train_images, data.train_labels, transform, batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.AdamW(module.parameter_groups())
+    warmup = int(budget.warmup_fraction * budget.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, budget.steps))
+    # A linear probe keeps the frozen backbone in eval mode: BatchNorm statistics of 5 images would drift otherwise.
+    module.train(spec.method != "linear")
+    step = 0
+    while step < budget.steps:
+        for images, labels in loader:
+            loss = F.cross_entropy(module(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step == budget.steps:
+                break
+    module.eval()
+
+
+@torch.no_grad()
+def test_accuracy(module: LoraClassifier, loader: DataLoader) -> float:
+    module.eval()
+    correct = total = 0
+    for images, labels in loader:
+        correct += (module(images).argmax(dim=1) == labels).sum().item()
+        total += len(labels)
+    return correct / total
+
+
+@torch.no_grad()
+def pixel_nearest_neighbour(train: DataLoader, test: DataLoader) -> float:
+    """1-nearest-neighbour (Euclidean) on the normalised input pixels: the no-learning baseline."""
+    support, support_labels = (torch.cat(parts) for parts in zip(*train, strict=True))
+    correct = total = 0
+    for images, labels in test:
+        nearest = torch.cdist(images.flatten(1), support.flatten(1)).argmin(dim=1)
+        correct += (support_labels[nearest] == labels).sum().item()
+        total += len(labels)
+    return correct / total
+
+
+def _head_size(module: LoraClassifier) -> int:
+    return sum(p.numel() for p in module.model.get_classifier().parameters())
+
+
+def _eval(preprocessing: dict):
+    return eval_transform(preprocessing["image_size"], preprocessing["mean"], preprocessing["std"],
+                          preprocessing["crop_pct"])
+
+
+def _loader(images, labels, transform, batch_size: int, shuffle: bool = False, generator=None) -> DataLoader:
+    return DataLoader(FewShotDataset(images, labels, transform), batch_size=batch_size, shuffle=shuffle,
+                      generator=generator)

@@ -1,0 +1,75 @@
+"""The methods a few-shot benchmark compares, named by short strings (``ncm``, ``linear``, ``lora-attn-r4``, ...).
+
+Each name maps to a :class:`MethodSpec`: which weights train (LoRA per Hu et al. 2021, arXiv:2106.09685; DoRA per
+Liu et al. 2024, arXiv:2402.09353), at which learning rates, and for how many steps. Learning rates follow
+``benchmarks/fewshot_baselines.py`` (tuned per method on the default task, as a fair comparison needs).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from visionlora.lora import LoraConfig
+
+# Targets per scope; "all" adapts what the family preset adapts: every linear layer of a ViT block, or every conv.
+SCOPES = {"attn": ["attn"], "all-vit": ["vit-all"], "all-conv": ["conv"]}
+METHOD_PATTERN = re.compile(r"(?P<kind>lora|dora)(-(?P<scope>attn|all))?-r(?P<rank>\d+)")
+NAMED = ("ncm", "linear", "full", "pixel-nn")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How one method fine-tunes a backbone.
+
+    Attributes:
+        name: The string it was parsed from (shown in tables).
+        method: ``LoraClassifier``'s ``method``: ``lora``, ``full`` or ``linear`` (``ncm`` and ``pixel-nn`` are
+            evaluated without gradient steps).
+        rank: LoRA rank (LoRA/DoRA only).
+        scope: ``attn`` (attention projections only) or ``all`` (every layer the family preset adapts).
+        use_dora: Weight-decomposed LoRA.
+        lr: Learning rate of the LoRA factors or, for ``full``, of the backbone.
+        head_lr: Learning rate of the classifier head.
+    """
+
+    name: str
+    method: str
+    rank: int = 0
+    scope: str = "all"
+    use_dora: bool = False
+    lr: float = 3e-3
+    head_lr: float = 3e-3
+
+    @property
+    def trains(self) -> bool:
+        """Whether the method takes gradient steps (NCM and pixel nearest neighbour do not)."""
+        return self.method in ("lora", "full", "linear")
+
+    def lora_config(self, is_vit: bool) -> LoraConfig | None:
+        """The LoRA settings for a ViT (``is_vit``) or a ConvNet backbone; None for non-LoRA methods."""
+        if self.method != "lora":
+            return None
+        if self.scope == "attn" and not is_vit:
+            raise ValueError(f"method {self.name!r}: attention-only LoRA needs a backbone with attention blocks")
+        targets = SCOPES["attn"] if self.scope == "attn" else SCOPES["all-vit" if is_vit else "all-conv"]
+        return LoraConfig(r=self.rank, alpha=float(self.rank), targets=targets, use_dora=self.use_dora)
+
+
+def parse_method(name: str) -> MethodSpec:
+    """``ncm``, ``pixel-nn``, ``linear``, ``full``, ``lora-r8``, ``lora-attn-r4``, ``lora-all-r16``, ``dora-r8``.
+
+    LoRA's ``alpha`` equals its rank (scale 1), so ranks compare at the same learning rate.
+    """
+    if name in ("ncm", "pixel-nn"):
+        return MethodSpec(name, name)
+    if name == "linear":
+        return MethodSpec(name, "linear", lr=1e-2, head_lr=1e-2)
+    if name == "full":
+        return MethodSpec(name, "full", lr=5e-4, head_lr=3e-3)
+    match = METHOD_PATTERN.fullmatch(name)
+    if match is None or int(match["rank"]) < 1:
+        raise ValueError(f"unknown method {name!r}: use one of {', '.join(NAMED)}, or lora-r<rank>, "
+                         f"lora-attn-r<rank>, lora-all-r<rank>, dora-r<rank> (rank >= 1)")
+    return MethodSpec(name, "lora", rank=int(match["rank"]), scope=match["scope"] or "all",
+                      use_dora=match["kind"] == "dora")

@@ -1,0 +1,102 @@
+"""Few-shot protocols: which images each benchmark cell trains and tests on.
+
+- ``kshot``: k labelled images per class (seeded), tested on the dataset's whole test split; the FGVC few-shot
+  fine-tuning protocol (e.g. Jie & Deng 2022, "Convolutional bypasses are better vision transformer adapters").
+- ``episodic``: N-way K-shot episodes with a query set drawn from the dataset's classes (Vinyals et al. 2016,
+  "Matching networks for one shot learning", arXiv:1606.04080); reported as the mean over episodes with a 95% CI.
+- ``omniglot``: the 20 official within-alphabet 20-way 1-shot runs of Lake, Salakhutdinov & Tenenbaum (2015,
+  Science 350(6266)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from visionlora.data import FewShotDataModule, sample_k_shot
+from visionlora.data.omniglot import omniglot_one_shot_runs
+
+from .cells import CellData
+
+PROTOCOLS = ("kshot", "episodic", "omniglot")
+
+
+@dataclass(frozen=True)
+class CellKey:
+    """What identifies a cell in the results file (with the method and backbone)."""
+
+    shots: int
+    ways: int
+    trial: int  # the seed (kshot), the episode (episodic) or the official run (omniglot)
+
+
+def data_module(dataset: str, root: str | None, classes: str) -> FewShotDataModule:
+    """The dataset's whole training pool and test split (shots drawn here, not by the module)."""
+    return FewShotDataModule(dataset=dataset, root=root, classes=classes, shots=None, val_fraction=0.0)
+
+
+def kshot_cells(data: FewShotDataModule, shots: list[int], seeds: list[int]) -> Iterator[tuple[CellKey, CellData]]:
+    """k images per class from the training pool for every (k, seed); the test split is always the same."""
+    pool, test = data.raw_split("train"), data.raw_split("test")
+    for k in shots:
+        for seed in seeds:
+            chosen = np.asarray(sample_k_shot(pool.labels, k, seed, data.class_names))
+            yield CellKey(k, data.num_classes, seed), CellData(
+                _take(pool.images, chosen), pool.labels[chosen], test.images, test.labels, data.num_classes)
+
+
+def episodic_cells(data: FewShotDataModule, ways: int, shots: list[int], queries: int, episodes: int,
+                   first_episode: int = 0) -> Iterator[tuple[CellKey, CellData]]:
+    """Episodes of ``ways`` classes, ``k`` support and ``queries`` query images each, from train pool + test split.
+
+    Episode ``e`` is drawn with seed ``e`` (independent of k, so the classes of episode e are the same at every k).
+    """
+    pool, test = data.raw_split("train"), data.raw_split("test")
+    images = _concat(pool.images, test.images)
+    labels = np.concatenate([pool.labels, test.labels])
+    if ways > data.num_classes:
+        raise ValueError(f"episodic: {ways}-way episodes need {ways} classes, the dataset has {data.num_classes}")
+    for k in shots:
+        for episode in range(first_episode, first_episode + episodes):
+            support, query, episode_labels = draw_episode(labels, ways, k, queries, episode)
+            yield CellKey(k, ways, episode), CellData(
+                _take(images, support), episode_labels[0], _take(images, query), episode_labels[1], ways)
+
+
+def draw_episode(labels: np.ndarray, ways: int, shots: int, queries: int, seed: int
+                 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Indices of the support and query images and their episode labels ``0..ways-1`` (disjoint sets)."""
+    rng = np.random.default_rng(seed)
+    classes = np.sort(rng.choice(np.unique(labels), size=ways, replace=False))
+    support, query = [], []
+    for cls in classes:
+        members = np.flatnonzero(labels == cls)
+        if len(members) < shots + queries:
+            raise ValueError(f"episodic: class {cls} has {len(members)} images, needs {shots} + {queries}")
+        picked = rng.choice(members, size=shots + queries, replace=False)
+        support.append(picked[:shots])
+        query.append(picked[shots:])
+    relabel = {int(c): i for i, c in enumerate(classes)}
+    support_idx, query_idx = np.concatenate(support), np.concatenate(query)
+    to_episode = np.vectorize(lambda c: relabel[int(c)])
+    return support_idx, query_idx, (to_episode(labels[support_idx]), to_episode(labels[query_idx]))
+
+
+def omniglot_cells(root: str, runs: list[int] | None = None) -> Iterator[tuple[CellKey, CellData]]:
+    """The official 20-way 1-shot runs (all 20 unless ``runs`` lists run numbers 1-20)."""
+    for run in omniglot_one_shot_runs(root):
+        if runs is None or run.run_id in runs:
+            yield CellKey(1, 20, run.run_id), CellData(run.train_images, run.train_labels, run.test_images,
+                                                       run.test_labels, len(np.unique(run.train_labels)))
+
+
+def _take(images, indices: np.ndarray):
+    return images[indices] if isinstance(images, np.ndarray) else [images[i] for i in indices]
+
+
+def _concat(first, second):
+    if isinstance(first, np.ndarray) and isinstance(second, np.ndarray):
+        return np.concatenate([first, second])
+    return list(first) + list(second)
