@@ -228,7 +228,7 @@ class FewShotDataModule(L.LightningDataModule):
         prep = self.preprocessing
         transform = train_transform(prep["image_size"], prep["mean"], prep["std"], prep["crop_scale"], prep["hflip"])
         if prep["affine"]:
-            transform = _with_random_affine(transform)
+            transform = with_random_affine(transform)
         seed_transform(transform, self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         return self._loader("train", transform, self.batch_size, shuffle=True, generator=generator)
@@ -376,7 +376,7 @@ def _classes_in_turn(labels: np.ndarray, n: int) -> list[int]:
     return [int(i) for i in np.lexsort((labels, rank))[:n]]
 
 
-def _with_random_affine(transform):
+def with_random_affine(transform):
     """``transform`` preceded by the random affine ``AFFINE``."""
     import albumentations as A  # here rather than at the top: .presets, imported first, sets its import options
 
