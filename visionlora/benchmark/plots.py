@@ -44,3 +44,20 @@ def plot_accuracy_vs_params(summary: list[dict], out_png: str | Path, title: str
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     return save_figure(figure, out_png)
+
+
+def plot_error_with_references(summary: list[dict], references: dict[str, float], out_png: str | Path,
+                               title: str = "") -> Path:
+    """Error rate per method (bars with 95% CI) beside published reference error rates (dashed lines)."""
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    names = [s["method"] for s in summary]
+    errors = [100 * (1 - s["accuracy"]) for s in summary]
+    half = [0.0 if math.isnan(s["ci95"]) else 100 * s["ci95"] for s in summary]
+    axis.bar(names, errors, yerr=half, capsize=3, color="tab:blue", alpha=0.75)
+    for index, (name, error) in enumerate(references.items()):
+        axis.axhline(error, linestyle="--", linewidth=1, color=f"C{index + 1}", label=f"{name}: {error}%")
+    axis.set(ylabel="error (%)", title=title)
+    axis.tick_params(axis="x", rotation=30)
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(fontsize=7)
+    return save_figure(figure, out_png)

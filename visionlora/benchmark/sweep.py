@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .cells import Backbone, Budget, CellData, run_cell
 from .methods import parse_method
-from .plots import plot_accuracy_vs_params, plot_accuracy_vs_shots
+from .plots import plot_accuracy_vs_params, plot_accuracy_vs_shots, plot_error_with_references
 from .protocols import PROTOCOLS, CellKey, data_module, episodic_cells, kshot_cells, omniglot_cells
 from .results import ResultsLog, markdown_table, summarise
 
@@ -113,16 +113,25 @@ def write_report(config: SweepConfig, summary: list[dict], out: Path) -> None:
     """``summary.md`` (the table, plus the published references for Omniglot) and the two PNGs."""
     omniglot = config.protocol == "omniglot"
     table = markdown_table(summary, error_rate=omniglot, order=config.methods)
-    lines = [f"# {config.name}: {config.protocol} on {config.dataset}, backbone {config.backbone}", "", table]
+    dataset = "omniglot (official runs)" if omniglot else config.dataset
+    weights = f" ({config.pretrained_file})" if config.pretrained_file else ""
+    lines = [f"# {config.name}: {config.protocol} on {dataset}, backbone {config.backbone}{weights}", "",
+             f"{config.steps} AdamW steps per cell, batch {config.batch_size}; mean ± 95% CI (Student t) over "
+             f"{'runs' if omniglot else 'episodes' if config.protocol == 'episodic' else 'seeds'}.", "", table]
     if omniglot:
         lines += ["", "Published references (20-way 1-shot error %, same 20 runs):", "",
                   *[f"- {name}: {error}%" for name, error in OMNIGLOT_REFERENCES.items()]]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
-    if not omniglot:
-        title = f"{config.dataset}, {config.backbone}"
-        plot_accuracy_vs_shots(summary, out / "accuracy_vs_shots.png", title)
-        plot_accuracy_vs_params(summary, out / "accuracy_vs_params.png", title)
+    if omniglot:
+        order = {m: i for i, m in enumerate(config.methods)}
+        ordered = sorted(summary, key=lambda s: order.get(s["method"], len(order)))
+        plot_error_with_references(ordered, OMNIGLOT_REFERENCES, out / "error_vs_references.png",
+                                   "Omniglot 20-way 1-shot, 20 official runs")
+        return
+    title = f"{config.dataset}, {config.backbone}"
+    plot_accuracy_vs_shots(summary, out / "accuracy_vs_shots.png", title)
+    plot_accuracy_vs_params(summary, out / "accuracy_vs_params.png", title)
 
 
 def _cells(config: SweepConfig, backbone: Backbone) -> tuple[dict, list[tuple[CellKey, CellData]]]:
