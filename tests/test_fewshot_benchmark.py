@@ -214,3 +214,43 @@ def test_omniglot_cells_are_the_20_official_runs():
     for key, cell in cells:
         assert key.ways == 20 and key.shots == 1 and cell.num_classes == 20
         assert sorted(cell.train_labels.tolist()) == list(range(20)) and len(cell.test_labels) == 20
+
+
+class _FakeFlowers:
+    """Stands in for torchvision.datasets.Flowers102: the attributes torchvision_split reads, no download."""
+
+    root = None
+
+    def __init__(self, root, download, split):
+        assert download is False
+        count = 12 if split == "train" else 6
+        self._image_files = [Path(_FakeFlowers.root) / f"{split}_{i}.png" for i in range(count)]
+        self._labels = [i % 3 for i in range(count)]
+
+
+def test_torchvision_fgvc_sets_run_through_the_kshot_protocol(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import visionlora.data.torchvision_sets as tv
+    from visionlora.benchmark.protocols import TorchvisionDataModule
+
+    for split, count in (("train", 12), ("test", 6)):
+        for i in range(count):
+            Image.fromarray(np.full((20, 20, 3), 40 * (i % 3), dtype=np.uint8)).save(tmp_path / f"{split}_{i}.png")
+    _FakeFlowers.root = tmp_path
+    monkeypatch.setattr(tv.torchvision.datasets, "Flowers102", _FakeFlowers)
+    data = data_module("torchvision:flowers102", str(tmp_path), "novel")
+    assert isinstance(data, TorchvisionDataModule) and data.num_classes == 3 and data.class_names == ["0", "1", "2"]
+    (key, cell), = kshot_cells(data, shots=[2], seeds=[0])
+    assert np.bincount(cell.train_labels).tolist() == [2, 2, 2] and len(cell.test_labels) == 6
+    result = run_cell(parse_method("pixel-nn"), RESNET, cell, PREP, Budget(), seed=0)
+    assert result.accuracy == 1.0  # each class is one flat grey level: the nearest pixels are always right
+
+
+def test_torchvision_set_missing_or_unknown_is_named(tmp_path):
+    from visionlora.data.torchvision_sets import torchvision_split
+
+    with pytest.raises(FileNotFoundError, match="OxfordIIITPet not found under"):
+        torchvision_split("pets", tmp_path, "train")
+    with pytest.raises(ValueError, match="must be one of"):
+        torchvision_split("imagenet", tmp_path, "train")

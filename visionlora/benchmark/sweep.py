@@ -32,7 +32,8 @@ class SweepConfig:
     Attributes:
         name: Names the output folder ``<out>``'s default (``runs/fewshot_benchmark/<name>``).
         protocol: ``kshot``, ``episodic`` or ``omniglot``.
-        dataset, root, classes: ``FewShotDataModule`` arguments (``digits``, ``imagefolder``, ``omniglot``).
+        dataset, root, classes: ``FewShotDataModule`` arguments (``digits``, ``imagefolder``, ``omniglot``), or
+            ``torchvision:pets|flowers102|aircraft|food101|cars`` with ``root`` where torchvision keeps them.
         backbone, pretrained, pretrained_file, model_args: the backbone every cell starts from.
         methods: Method names (see :func:`~visionlora.benchmark.methods.parse_method`).
         shots: Shot counts (kshot, episodic).

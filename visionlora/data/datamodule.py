@@ -147,15 +147,17 @@ class FewShotDataModule(L.LightningDataModule):
         self._backbone_config: dict = {}
         # Listing the classes now (folder names only) lets LightningCLI link num_classes into the model before
         # setup, and fails early on a wrong root.
-        if dataset == "digits":
-            self._class_names = digits.digits_class_names(classes)
-        elif dataset == "digits+omniglot":
-            self._class_names = omniglot.digits_with_omniglot_class_names(root, classes)
-        elif dataset == "omniglot":
-            self._class_names = omniglot.omniglot_background_class_names(root)
-        else:
-            self._class_names = imagefolder.imagefolder_classes(root)
+        self._class_names = self._list_classes()
         self._parts: dict[str, FewShotDataset] | None = None
+
+    def _list_classes(self) -> list[str]:
+        if self.dataset == "digits":
+            return digits.digits_class_names(self.classes)
+        if self.dataset == "digits+omniglot":
+            return omniglot.digits_with_omniglot_class_names(self.root, self.classes)
+        if self.dataset == "omniglot":
+            return omniglot.omniglot_background_class_names(self.root)
+        return imagefolder.imagefolder_classes(self.root)
 
     image_size = _Resolved()
     mean = _Resolved()
