@@ -195,8 +195,10 @@ def _loader(batch_size: int = 2) -> torch.utils.data.DataLoader:
 
 @pytest.mark.filterwarnings("ignore:Found keys that are in the model state dict")  # the frozen backbone, by design
 def test_lightning_fit_test_and_small_checkpoint(tmp_path):
+    # Pretrained (local-dir) weights: only then is the frozen backbone rebuildable and the checkpoint trimmed.
+    weights = "local-dir:" + str(ROOT / "data" / "weights" / "resnet_digits")
     module = LoraDetector(backbone="test_resnet", num_classes=NUM_CLASSES, lora=LoraConfig(r=2, targets=["conv"]),
-                          detector_args={"score_thresh": 0.01}, **SMALL)
+                          pretrained_file=weights, detector_args={"score_thresh": 0.01}, **SMALL)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, _loader(), _loader())

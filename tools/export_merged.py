@@ -1,11 +1,14 @@
 """Merge a trained LoRA into its backbone and write a plain timm folder (no visionlora needed to load it).
 
     python tools/export_merged.py runs/default/<time>                       # -> runs/default/<time>/merged
+    python tools/export_merged.py runs/detection_default/<time>             # a detector: config.json + weights
     python tools/export_merged.py runs/default/<time>/checkpoints/last.ckpt --out exported/digits --dtype fp16
     python tools/export_merged.py --adapter runs/default/<time>/adapter --base test_resnet \
         --pretrained-file local-dir:data/weights/resnet_digits --out exported/digits --onnx
 
-Every export is checked against the adapted model; exit codes: 0 written, 1 check failed (nothing written),
+A detection run (its checkpoint names a ``detector``) is written as a folder that
+``visionlora.models.detection.load_merged_detector`` rebuilds without LoRA code. Every export is checked against
+the adapted model; exit codes: 0 written, 1 check failed (nothing written),
 2 bad input (nothing written).
 """
 
@@ -19,7 +22,10 @@ from visionlora.export import (
     DTYPES,
     ExportError,
     VerificationError,
+    detector_source_from_path,
     export_merged,
+    export_merged_detector,
+    is_detection_checkpoint,
     source_from_adapter,
     source_from_path,
 )
@@ -47,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        source, out = load_source(args)
-        report = export_merged(source, out, args.dtype, args.tolerance, args.onnx, args.force)
+        report = export(args)
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -57,6 +62,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(report)
     return 0
+
+
+def export(args: argparse.Namespace):
+    """A detector's or a classifier's merged export, chosen by what the checkpoint holds."""
+    if args.source and not args.adapter and is_detection_checkpoint(args.source):
+        if args.onnx:
+            raise ExportError("--onnx exports classifiers only; a detector is written as config.json + weights")
+        source = detector_source_from_path(args.source, args.num_classes)
+        return export_merged_detector(source, default_output(args), args.dtype, args.tolerance, args.force)
+    source, out = load_source(args)
+    return export_merged(source, out, args.dtype, args.tolerance, args.onnx, args.force)
+
+
+def default_output(args: argparse.Namespace) -> Path:
+    """``--out``, else ``merged/`` in the run directory (a checkpoint's run directory is two levels up)."""
+    path = Path(args.source)
+    return Path(args.out) if args.out else (path if path.is_dir() else path.parent.parent) / "merged"
 
 
 def load_source(args: argparse.Namespace):
@@ -68,9 +90,7 @@ def load_source(args: argparse.Namespace):
         return source, Path(args.out)
     if not args.source:
         raise ExportError("give a run directory or checkpoint, or --adapter with --base")
-    source = source_from_path(args.source, args.num_classes)
-    path = Path(args.source)
-    return source, Path(args.out) if args.out else (path if path.is_dir() else path.parent.parent) / "merged"
+    return source_from_path(args.source, args.num_classes), default_output(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The ``tools/train.py`` and ``tools/pretrain.py`` command lines: LightningCLI over LoraClassifier + FewShotDataModule.
 
+A config whose ``model:`` section has a ``detector:`` key runs few-shot detection instead (LoraDetector +
+CocoDetectionDataModule, see ``visionlora.cli_detection``).
+
 Every field of the YAML configs under ``configs/`` can be overridden on the command line (``--model.lora.r 16``),
 ``--print_config`` shows the resolved config, and each run writes a run directory
 ``<runs_dir>/<run_name>/<timestamp>/`` with the resolved config, metrics CSV, checkpoints, the adapter, a
@@ -9,11 +12,13 @@ training-curve PNG, a confusion-matrix PNG and ``results.json``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import timm
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
@@ -62,7 +67,14 @@ def resolve_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tup
 
 
 def main(args: list[str] | None = None) -> dict:
-    """Parse, fit, test and write the run directory; returns the results row."""
+    """Parse, fit, test and write the run directory; returns the results row.
+
+    Detection configs (see :func:`is_detection_config`) go to :func:`visionlora.cli_detection.main`.
+    """
+    if is_detection_config(sys.argv[1:] if args is None else args):
+        from visionlora.cli_detection import main as detection_main  # torchvision detectors, only when asked for
+
+        return detection_main(args)
     cli = VisionLoraCLI(LoraClassifier, FewShotDataModule, run=False, seed_everything_default=0, args=args,
                         save_config_kwargs={"overwrite": True},
                         trainer_defaults={"logger": False, "callbacks": [ModelCheckpoint(save_last=True)]})
@@ -76,6 +88,26 @@ def main(args: list[str] | None = None) -> dict:
     if cli.config.run_test:
         results = trainer.test(model, datamodule=data, ckpt_path=None, verbose=False)[0]
     return write_run_outputs(cli, results, seconds)
+
+
+def is_detection_config(args: list[str]) -> bool:
+    """Whether the ``--config`` YAMLs (or a ``--model.detector`` override) describe a detection model.
+
+    A detection model's section names its ``detector`` (fcos, retinanet, faster_rcnn); a classifier has none.
+    """
+    if any(arg == "--model.detector" or arg.startswith("--model.detector=") for arg in args):
+        return True
+    for index, arg in enumerate(args):
+        path = args[index + 1] if arg == "--config" and index + 1 < len(args) else None
+        path = arg.removeprefix("--config=") if arg.startswith("--config=") else path
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--config: no such file {path}")
+        model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
+        if isinstance(model, dict) and "detector" in (model.get("init_args") or model):
+            return True
+    return False
 
 
 def write_run_outputs(cli: VisionLoraCLI, results: dict, seconds: float) -> dict:

@@ -11,6 +11,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import timm
+
 from visionlora.models import save_backbone
 
 
@@ -44,6 +46,49 @@ def export_pretrained(cli, row: dict, export_dir: Path) -> Path:
     return export_dir
 
 
+def export_pretrained_detector_backbone(cli, row: dict, export_dir: Path) -> Path:
+    """Write the backbone of a detection pretraining run as a timm local-dir folder (no head) with MODEL_CARD.md.
+
+    TFA's base training (Wang et al. 2020, arXiv:2003.06957) in the form this package fine-tunes from: a detector
+    trained on the base classes, of which only the backbone is kept; FPN and head are trained anew per task.
+    """
+    model, data = cli.model, cli.datamodule
+    h = model.hparams
+    plain = backbone_as_timm_model(model.model.backbone.body, h.backbone, h.model_args)
+    size = data.image_size
+    data_config = {"input_size": (3, size, size), "mean": tuple(h.image_mean), "std": tuple(h.image_std),
+                   "crop_pct": 1.0, "interpolation": "bilinear"}
+    save_backbone(plain, export_dir, data_config=data_config, model_args=h.model_args or None)
+    digest = hashlib.sha256((export_dir / "model.safetensors").read_bytes()).hexdigest()
+    card = DETECTION_MODEL_CARD.format(
+        name=export_dir.name, architecture=h.backbone, model_args=h.model_args or {}, detector=h.detector,
+        command="python tools/pretrain.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        seed=cli.config.seed_everything, classes=summarise_classes(data.class_names), dataset=data.dataset,
+        train_images=len(data.split_records("train")), map=row["test mAP"], map_50=row["mAP@50"],
+        params=sum(p.numel() for p in plain.parameters()), epochs=row["epochs"], seconds=row["fit seconds"],
+        size=size, mean=data_config["mean"], std=data_config["std"], sha256=digest,
+    )  # fmt: skip
+    (export_dir / "MODEL_CARD.md").write_text(card)
+    print(f"exported backbone to {export_dir} (sha256 {digest[:16]}...)")
+    return export_dir
+
+
+def backbone_as_timm_model(body, architecture: str, model_args: dict | None):
+    """The detector's timm ``features_only`` body as the plain timm model (no classifier) with the same weights.
+
+    The detector's BatchNorm layers are frozen copies without ``num_batches_tracked``; that counter is the only
+    tensor allowed to differ.
+    """
+    plain = timm.create_model(architecture, pretrained=False, num_classes=0, **(model_args or {}))
+    missing, unexpected = plain.load_state_dict(body.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"pretrain: the {architecture} detector backbone's tensors do not map onto timm's model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); only families whose features_only "
+                         f"model keeps timm's module names can be exported this way")
+    return plain.eval()
+
+
 def summarise_classes(names: list[str], shown: int = 8) -> str:
     """A readable list of the source classes: all of them when few, else the first ones and a count."""
     if len(names) <= shown:
@@ -67,6 +112,31 @@ pretrained backbone. Load it without visionlora:
 | epochs | {epochs} |
 | input | {size}x{size} RGB, mean {mean}, std {std} |
 | test accuracy on the source classes | {accuracy:.2f}% |
+| sha256 of model.safetensors | `{sha256}` |
+
+Rerunning the recipe command on the same software versions reproduces these weights (seeded, single process, CPU).
+"""
+
+
+DETECTION_MODEL_CARD = """# {name}
+
+A small timm `{architecture}` backbone, trained from scratch by visionlora as part of a `{detector}` detector on
+the embedded *base* shape classes, bundled so the offline few-shot detection default fine-tunes a pretrained
+backbone on the disjoint *novel* classes (circle, square, triangle, cross, ring, stripes): TFA's base/novel
+protocol (Wang et al. 2020, arXiv:2003.06957). Only the backbone is kept; the FPN and head are trained anew for
+each task. Load it without visionlora: `timm.create_model("local-dir:data/weights/{name}", pretrained=True,
+num_classes=0)` (add `features_only=True` for the feature maps).
+
+| field | value |
+|---|---|
+| architecture | `{architecture}` with `{model_args}` |
+| parameters | {params:,} |
+| recipe | `{command}` |
+| seed | {seed} |
+| source data | `{dataset}`: {train_images} training scenes of {classes} (disjoint from the targets) |
+| epochs | {epochs} ({seconds:.0f} s of training) |
+| input | images of {size} px, mean {mean}, std {std} (the detector normalises) |
+| base-class test mAP of the pretraining detector | {map:.3f} (mAP@50 {map_50:.3f}) |
 | sha256 of model.safetensors | `{sha256}` |
 
 Rerunning the recipe command on the same software versions reproduces these weights (seeded, single process, CPU).

@@ -24,11 +24,24 @@ from .detection_dataset import DetectionDataset, collate_detection
 from .detection_presets import DEFAULT_SCALE, eval_detection_transform, train_detection_transform
 from .detection_sampling import InstanceSample, sample_k_instances, write_fewshot_selection
 from .presets import seed_transform
-from .synthetic_scenes import CLASS_NAMES, DEFAULT_ROOT, ensure_synthetic_scenes
+from .synthetic_scenes import (
+    BASE_CLASS_NAMES,
+    BASE_ROOT,
+    BASE_SEED,
+    BASE_SPLITS,
+    CLASS_NAMES,
+    DEFAULT_ROOT,
+    ensure_synthetic_scenes,
+)
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "coco")
+DATASETS = ("synthetic", "synthetic_base", "coco")
+# The embedded datasets: default root and the ensure_synthetic_scenes arguments that generate them.
+SYNTHETIC = {
+    "synthetic": (DEFAULT_ROOT, {"classes": CLASS_NAMES}),
+    "synthetic_base": (BASE_ROOT, {"classes": BASE_CLASS_NAMES, "splits": BASE_SPLITS, "seed": BASE_SEED}),
+}
 SPLITS = ("train", "val", "test")
 SELECTION_FILE = "fewshot_selection.json"
 
@@ -43,9 +56,11 @@ class CocoDetectionDataModule(L.LightningDataModule):
     which Lightning skips).
 
     Args:
-        dataset: ``"synthetic"`` (the embedded shapes scenes, generated under ``root`` on first use, about 4 s)
-            or ``"coco"`` (any COCO-format detection data).
-        root: Dataset folder. Synthetic: default ``data/synthetic_scenes`` (relative to the working directory).
+        dataset: ``"synthetic"`` (the embedded shapes scenes, generated under ``root`` on first use, about 4 s),
+            ``"synthetic_base"`` (the same scenes with the six disjoint base shapes, 2000 training images, for
+            pretraining a backbone; about 20 s to generate) or ``"coco"`` (any COCO-format detection data).
+        root: Dataset folder. Synthetic: default ``data/synthetic_scenes`` (``data/synthetic_scenes_base``),
+            relative to the working directory.
             COCO: the folder with the standard layout, needed unless every split path below is given.
         train_annotations: COCO only: the training json, instead of the standard layout (with ``train_images``).
         train_images: COCO only: the folder the training json's ``file_name`` entries are relative to.
@@ -106,11 +121,12 @@ class CocoDetectionDataModule(L.LightningDataModule):
             "val": (val_annotations, val_images),
             "test": (test_annotations, test_images),
         }
-        if dataset == "synthetic":
+        if dataset in SYNTHETIC:
             if any(path is not None for pair in explicit.values() for path in pair):
-                raise ValueError("CocoDetectionDataModule: split paths are for dataset='coco'; synthetic uses root")
-            self.root = Path(root or DEFAULT_ROOT)
-            self._class_names = list(CLASS_NAMES)
+                raise ValueError(f"CocoDetectionDataModule: split paths are for dataset='coco'; {dataset} uses root")
+            default_root, generation = SYNTHETIC[dataset]
+            self.root = Path(root or default_root)
+            self._class_names = list(generation["classes"])
         else:
             self.root = Path(root) if root is not None else None
         self._paths = {split: self._split_paths(split, *pair) for split, pair in explicit.items()}
@@ -132,8 +148,8 @@ class CocoDetectionDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Generate the synthetic scenes if they are not there yet (Lightning calls this on one process)."""
-        if self.dataset == "synthetic":
-            ensure_synthetic_scenes(self.root)
+        if self.dataset in SYNTHETIC:
+            ensure_synthetic_scenes(self.root, **SYNTHETIC[self.dataset][1])
 
     def setup(self, stage: str | None = None) -> None:
         """Read and check every split and draw the K-shot training set; runs once, later calls return."""
@@ -207,7 +223,7 @@ class CocoDetectionDataModule(L.LightningDataModule):
             return None
         json_path = self.root / split / "annotations.json"
         # The synthetic scenes may not be generated yet; their layout is known, so every split is expected.
-        if self.dataset == "synthetic" or split == "train" or json_path.is_file():
+        if self.dataset in SYNTHETIC or split == "train" or json_path.is_file():
             return json_path, self.root / split / "images"
         return None
 

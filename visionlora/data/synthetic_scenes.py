@@ -9,6 +9,11 @@ boxes around the visible extent), not of its nominal shape.
 
 Every scene is drawn from its own random stream, seeded with ``(seed, split, index)``: the same arguments give
 byte-identical PNG files and json, and the first ``n`` images do not change when more are asked for.
+
+Six other classes, :data:`BASE_CLASS_NAMES` (pentagon, hexagon, ellipse, arrow, L-shape, checkered square), make a
+disjoint *base* dataset for pretraining a backbone before few-shot fine-tuning on the six *novel* classes above,
+as in TFA's base/novel split (Wang et al. 2020, "Frustratingly Simple Few-Shot Object Detection",
+arXiv:2003.06957): related outlines and textures, never the target classes themselves.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ logger = logging.getLogger(__name__)
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "stripes")
 DEFAULT_ROOT = "data/synthetic_scenes"
 DEFAULT_SPLITS: dict[str, int] = {"train": 300, "val": 100, "test": 100}
+# The base (pretraining) classes and their dataset: another seed, so no base scene shares a novel scene's background.
+BASE_CLASS_NAMES: tuple[str, ...] = ("pentagon", "hexagon", "ellipse", "arrow", "lshape", "checker")
+BASE_ROOT = "data/synthetic_scenes_base"
+BASE_SPLITS: dict[str, int] = {"train": 2000, "val": 100, "test": 200}
+BASE_SEED = 1
 DEFAULT_IMAGE_SIZE = 128
 DEFAULT_SEED = 0
 MAX_OBJECTS = 4
@@ -58,7 +68,7 @@ def shape_mask(class_name: str, centre: tuple[float, float], radius: float, angl
     """The pixels of one shape on a ``size x size`` canvas, as a bool mask (drawn without antialiasing).
 
     Args:
-        class_name: One of :data:`CLASS_NAMES`.
+        class_name: One of :data:`CLASS_NAMES` or :data:`BASE_CLASS_NAMES`.
         centre: ``(x, y)`` of the shape's centre, in pixels.
         radius: Circumradius in pixels: the shape fits in the circle of this radius around ``centre``.
         angle: Rotation in radians (circles and rings look the same at any angle).
@@ -85,19 +95,20 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def render_scene(rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE) -> Scene:
-    """Draw a cluttered background and 1 to :data:`MAX_OBJECTS` shapes with ``rng``; returns the visible masks."""
+def render_scene(rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE,
+                 classes: tuple[str, ...] = CLASS_NAMES) -> Scene:
+    """Draw a cluttered background and 1 to :data:`MAX_OBJECTS` shapes of ``classes`` (labels 1..C) with ``rng``."""
     image = _background(rng, size)
     labels: list[int] = []
     full: list[np.ndarray] = []
     visible: list[np.ndarray] = []
     for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
-        label = int(rng.integers(len(CLASS_NAMES))) + 1
-        placed = _place(rng, CLASS_NAMES[label - 1], size, full, visible)
+        label = int(rng.integers(len(classes))) + 1
+        placed = _place(rng, classes[label - 1], size, full, visible)
         if placed is None:
             continue
         mask, angle = placed
-        _paint(rng, image, CLASS_NAMES[label - 1], mask, angle)
+        _paint(rng, image, classes[label - 1], mask, angle)
         # Later objects hide parts of earlier ones: each box must follow what is left visible.
         visible = [vis & ~mask for vis in visible] + [mask]
         full.append(mask)
@@ -112,12 +123,13 @@ def generate_scenes(
     image_size: int = DEFAULT_IMAGE_SIZE,
     seed: int = DEFAULT_SEED,
     split: str = "train",
+    classes: tuple[str, ...] = CLASS_NAMES,
 ) -> Path:
     """Write ``num_images`` scenes to ``out_dir/<split>/images/*.png`` and ``out_dir/<split>/annotations.json``.
 
     The json is valid COCO: ``images`` (ids from 1), ``annotations`` with ``bbox`` ``[x, y, w, h]`` (integers,
     tight around the visible pixels), ``area`` (visible pixel count) and ``iscrowd`` 0, and ``categories`` with
-    ids ``1..C`` in :data:`CLASS_NAMES` order.
+    ids ``1..C`` in ``classes`` order (:data:`CLASS_NAMES`, or :data:`BASE_CLASS_NAMES` for the base dataset).
 
     Returns:
         The path of the annotation file.
@@ -128,7 +140,7 @@ def generate_scenes(
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
-        scene = render_scene(scene_rng(seed, split, index), image_size)
+        scene = render_scene(scene_rng(seed, split, index), image_size, tuple(classes))
         image_id, file_name = index + 1, f"{index:06d}.png"
         Image.fromarray(scene.image).save(image_dir / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
@@ -138,7 +150,7 @@ def generate_scenes(
                 {"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
                  "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(mask.sum()), "iscrowd": 0}
             )  # fmt: skip
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(classes)]
     info = {"description": "visionlora synthetic scenes", "seed": seed, "split": split, "version": GENERATOR_VERSION}
     coco = {"info": info, "images": images, "annotations": annotations, "categories": categories}
     path = Path(out_dir) / split / "annotations.json"
@@ -151,6 +163,7 @@ def ensure_synthetic_scenes(
     splits: dict[str, int] | None = None,
     image_size: int = DEFAULT_IMAGE_SIZE,
     seed: int = DEFAULT_SEED,
+    classes: tuple[str, ...] = CLASS_NAMES,
 ) -> Path:
     """Generate the scenes under ``root`` once; later calls with the same settings reuse them.
 
@@ -162,6 +175,8 @@ def ensure_synthetic_scenes(
         splits: ``{split: number of images}``; default :data:`DEFAULT_SPLITS`.
         image_size: Side of the square images.
         seed: Seed of the scenes.
+        classes: Shape classes to draw: :data:`CLASS_NAMES` (the novel, few-shot classes) or
+            :data:`BASE_CLASS_NAMES` (the disjoint pretraining classes, with :data:`BASE_ROOT` and :data:`BASE_SEED`).
 
     Returns:
         ``root``, holding ``<split>/images/*.png``, ``<split>/annotations.json`` and ``generation.json``.
@@ -172,13 +187,16 @@ def ensure_synthetic_scenes(
     root = Path(root)
     wanted = {"version": GENERATOR_VERSION, "splits": dict(splits or DEFAULT_SPLITS), "image_size": image_size,
               "seed": seed}  # fmt: skip
+    if tuple(classes) != CLASS_NAMES:
+        # Only recorded when not the default, so folders generated before base classes existed stay valid.
+        wanted["classes"] = list(classes)
     if root.exists():
         return _check_marker(root, wanted)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         for split, count in wanted["splits"].items():
-            generate_scenes(tmp, count, image_size, seed, split)
+            generate_scenes(tmp, count, image_size, seed, split, tuple(classes))
         (tmp / MARKER_FILE).write_text(json.dumps(wanted, indent=2), encoding="utf-8")
         os.rename(tmp, root)
     except OSError:
@@ -219,10 +237,29 @@ def _outline(class_name: str, centre: tuple[float, float], radius: float, angle:
         points = [(x / np.hypot(1.0, a), y / np.hypot(1.0, a)) for x, y in points]
     elif class_name == "stripes":
         points = [(0.9, 0.44), (0.9, -0.44), (-0.9, -0.44), (-0.9, 0.44)]
+    elif class_name in _BASE_OUTLINES:
+        points = _BASE_OUTLINES[class_name]
     else:
-        raise ValueError(f"synthetic_scenes: unknown shape {class_name!r}; expected one of {CLASS_NAMES}")
+        raise ValueError(f"synthetic_scenes: unknown shape {class_name!r}; expected one of "
+                         f"{CLASS_NAMES + BASE_CLASS_NAMES}")
     cx, cy = centre
     return [(cx + radius * x, cy + radius * y) for x, y in _turned(points, angle)]
+
+
+def _regular(sides: int) -> list[tuple[float, float]]:
+    return [(float(np.cos(a)), float(np.sin(a))) for a in -np.pi / 2 + np.arange(sides) * 2 * np.pi / sides]
+
+
+# Unit-circle outlines of the base shapes. The ellipse (aspect 1.8) stays rounder than the background blobs
+# (aspect >= 3); the checker is a square whose texture _paint draws.
+_BASE_OUTLINES: dict[str, list[tuple[float, float]]] = {
+    "pentagon": _regular(5),
+    "hexagon": _regular(6),
+    "ellipse": [(float(np.cos(t)), float(np.sin(t)) / 1.8) for t in np.linspace(0, 2 * np.pi, 32, endpoint=False)],
+    "arrow": [(1.0, 0.0), (0.2, 0.6), (0.2, 0.22), (-0.95, 0.22), (-0.95, -0.22), (0.2, -0.22), (0.2, -0.6)],
+    "lshape": [(-0.65, -0.65), (-0.2, -0.65), (-0.2, 0.2), (0.65, 0.2), (0.65, 0.65), (-0.65, 0.65)],
+    "checker": _regular(4),
+}
 
 
 def _turned(points, angle: float) -> list[tuple[float, float]]:
@@ -269,19 +306,30 @@ def _place(rng: np.random.Generator, class_name: str, size: int, full: list[np.n
 
 
 def _paint(rng: np.random.Generator, image: np.ndarray, class_name: str, mask: np.ndarray, angle: float) -> None:
-    """Fill ``mask`` in place with a colour that stands out from the background; stripes get two colours."""
+    """Fill ``mask`` in place with a colour that stands out from the background; stripes and checker get two."""
     under = image[mask].astype(np.float32).mean(axis=0)
     colours = [_contrasting(rng, under)]
     colours.append(_contrasting(rng, colours[0].astype(np.float32)))
-    if class_name != "stripes":
+    if class_name not in ("stripes", "checker"):
         image[mask] = colours[0]
         return
     # Stripes run across the bar's long axis, about a fifth of the bar's length wide each.
     ys, xs = np.nonzero(mask)
+    if class_name == "checker":
+        # 3 x 3 cells along the square's sides (its vertices sit at angle - 90 degrees, so its sides at +45).
+        angle += np.pi / 4
     along = (xs - xs.mean()) * np.cos(angle) + (ys - ys.mean()) * np.sin(angle)
-    width = max(float(np.ptp(along)) / 5.0, 1.0)
-    band = ((along - along.min()) // width).astype(np.int64) % 2
+    band = _bands(along, 5 if class_name == "stripes" else 3)
+    if class_name == "checker":
+        across = (ys - ys.mean()) * np.cos(angle) - (xs - xs.mean()) * np.sin(angle)
+        band = (band + _bands(across, 3)) % 2
     image[ys, xs] = np.asarray(colours, dtype=np.uint8)[band]
+
+
+def _bands(coordinate: np.ndarray, count: int) -> np.ndarray:
+    """0/1 alternating bands, ``count`` across the extent of ``coordinate``."""
+    width = max(float(np.ptp(coordinate)) / count, 1.0)
+    return ((coordinate - coordinate.min()) // width).astype(np.int64) % 2
 
 
 def _contrasting(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:

@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,17 +84,27 @@ def export_merged(source: ExportSource, output: str | Path, dtype: str = "fp32",
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     output = Path(output)
+    tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
+    with staged_folder(output, force) as staging:
+        return _write_and_check(source, staging, output, dtype, tolerance, onnx, batch_size)
+
+
+@contextmanager
+def staged_folder(output: Path, force: bool) -> Iterator[Path]:
+    """A temporary sibling of ``output`` to write into, moved to ``output`` only if the block finishes.
+
+    An exception inside the block (a failed check, a crash) removes the staging folder and leaves ``output`` as it
+    was; an existing ``output`` is an :class:`ExportError` unless ``force``.
+    """
     if output.exists() and not force:
         raise ExportError(f"{output} exists; pass force=True (--force) to replace it")
-    tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        report = _write_and_check(source, staging, output, dtype, tolerance, onnx, batch_size)
+        yield staging
         _publish(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return report
 
 
 def merged_copy(model: nn.Module, dtype: str = "fp32") -> nn.Module:

@@ -68,6 +68,8 @@ def source_from_path(path: str | Path, num_classes: int | None = None, sample_si
     checkpoint = find_checkpoint(Path(path))
     saved = read_checkpoint(checkpoint)
     hparams = {k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")}
+    if "detector" in hparams:
+        raise ExportError(f"{checkpoint}: a detector's checkpoint; export it with detector_source_from_path")
     if num_classes is not None and hparams.get("num_classes") != num_classes:
         raise ExportError(f"{checkpoint}: checkpoint has num_classes={hparams.get('num_classes')}, "
                           f"but {num_classes} were asked for")
@@ -132,14 +134,14 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def read_checkpoint(checkpoint: Path) -> dict:
-    """A Lightning checkpoint of a ``LoraClassifier``, read without unpickling code."""
+    """A Lightning checkpoint of a ``LoraClassifier`` or ``LoraDetector``, read without unpickling code."""
     try:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or non-checkpoint files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ExportError(f"{checkpoint}: not a readable checkpoint ({type(error).__name__}: {first_line})") from error
     if not isinstance(saved, dict) or "state_dict" not in saved or "backbone" not in saved.get("hyper_parameters", {}):
-        raise ExportError(f"{checkpoint}: not a visionlora classifier checkpoint (no state_dict / backbone hparams)")
+        raise ExportError(f"{checkpoint}: not a visionlora checkpoint (no state_dict / backbone hparams)")
     return saved
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Format, freeze_batch_norm_2d
 from torch import nn
@@ -36,6 +37,10 @@ ADAPT_SCOPES = ("backbone", "backbone+fpn", "all")
 METHODS = ("lora", "frozen", "full")
 # FCOS's head normalises with GroupNorm(32, channels).
 FCOS_GROUPS = 32
+# A merged detector folder (visionlora.export.detection): create_detector arguments + weights.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -155,6 +160,33 @@ def create_detector(backbone: str, num_classes: int, detector: str = "fcos", pre
     # A plain ViT's pooled map needs the padded size to be a multiple of twice its patch stride.
     model.transform.size_divisible = neck.strides[1] * 2 if neck.pyramid is not None else 32
     return model
+
+
+def load_merged_detector(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """A detector exported by ``tools/export_merged.py``, in eval mode.
+
+    Needs no LoRA code: ``create_detector(**config["create_detector"])`` builds the plain architecture and
+    ``load_state_dict(strict=True)`` fills it. ``config.json`` also holds ``class_names`` (label ``i + 1`` is
+    ``class_names[i]``) and ``image_size``; feed float ``[3, H, W]`` images in 0..1, as a list.
+
+    Args:
+        folder: The exported folder (``config.json`` + ``model.safetensors``).
+        dtype: Cast the weights to this dtype; default: as written. torchvision's NMS has no CPU kernel for
+            float16/bfloat16, so a half-precision export runs whole on a GPU, or on a CPU after ``torch.float32``.
+    """
+    folder = Path(folder)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"load_merged_detector: {folder} has no {name}")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    if config.get("format_version") != FORMAT_VERSION or "create_detector" not in config:
+        raise ValueError(f"load_merged_detector: {folder / CONFIG_NAME} is not a merged detector config "
+                         f"(format_version {FORMAT_VERSION} with create_detector arguments)")
+    model = create_detector(**dict(config["create_detector"], pretrained=False, pretrained_file=None))
+    state = load_file(str(folder / WEIGHTS_NAME))
+    written = next(v.dtype for v in state.values() if v.is_floating_point())
+    model.to(written).load_state_dict(state, strict=True)
+    return model.to(dtype or written).eval()
 
 
 def build_detector(detector: str, neck: TimmFPN, num_classes: int, anchor_scale: float, kwargs: dict) -> nn.Module:

@@ -1,5 +1,6 @@
 """LightningModules: losses, metrics and optimiser groups for each task."""
 
 from .classification import LoraClassifier
+from .detection import LoraDetector, detector_from_hparams
 
-__all__ = ["LoraClassifier"]
+__all__ = ["LoraClassifier", "LoraDetector", "detector_from_hparams"]

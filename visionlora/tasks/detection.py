@@ -174,8 +174,13 @@ class LoraDetector(L.LightningModule):
 
     # ----- small checkpoints --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only what is trained: the frozen backbone is rebuilt from its pretrained weights on load."""
-        if self.hparams.method == "full":
+        """Keep only what is trained when the frozen backbone can be rebuilt from its pretrained weights on load.
+
+        A randomly initialised backbone (no ``pretrained``, no ``pretrained_file``) cannot be rebuilt, so its
+        checkpoint keeps every tensor: otherwise exporting or evaluating it later would use other random weights.
+        """
+        h = self.hparams
+        if h.method == "full" or not (h.pretrained or h.pretrained_file):
             return
         trained = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()

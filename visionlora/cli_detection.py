@@ -1,0 +1,107 @@
+"""The detection side of ``tools/train.py``: LightningCLI over LoraDetector + CocoDetectionDataModule.
+
+``visionlora.cli.main`` comes here when the YAML's ``model:`` section describes a detector (it has a ``detector:``
+key). The run directory matches the classifier's: resolved config, metrics CSV, checkpoints, the backbone's LoRA
+adapter, a training-curve PNG (loss and validation mAP), ``fewshot_selection.json`` and ``results.json``; the
+results table gives COCO mAP (IoU 0.50:0.95), mAP@50 and mAP@75 on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from visionlora.cli import VisionLoraCLI
+from visionlora.data import CocoDetectionDataModule
+from visionlora.lora import lora_state, save_adapter
+from visionlora.reporting import format_table, plot_training_curves
+from visionlora.tasks import LoraDetector
+
+ADAPTER_README = """This adapter holds the backbone's LoRA (PEFT layout, paths relative to the timm backbone).
+The FPN and the detection head are trained fully and are not in it: they live in checkpoints/last.ckpt.
+For a standalone detector, merge and export the run: python tools/export_merged.py {run_dir}
+"""
+
+
+class DetectionCLI(VisionLoraCLI):
+    """:class:`~visionlora.cli.VisionLoraCLI` (run directories, ``num_classes`` link, resume) for detection."""
+
+
+def main(args: list[str] | None = None) -> dict:
+    """Parse, fit, test and write the run directory of a detection config; returns the results row."""
+    cli = DetectionCLI(LoraDetector, CocoDetectionDataModule, run=False, seed_everything_default=0, args=args,
+                       save_config_kwargs={"overwrite": True},
+                       trainer_defaults={"logger": False, "callbacks": [ModelCheckpoint(save_last=True)]})
+    model, data, trainer, run_dir = cli.model, cli.datamodule, cli.trainer, cli.run_dir
+    trainer.logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=data, ckpt_path=cli.resume_from)
+    seconds = time.perf_counter() - started
+    results = {}
+    if cli.config.run_test:
+        results = trainer.test(model, datamodule=data, ckpt_path=None, verbose=False)[0]
+    return write_detection_outputs(cli, results, seconds)
+
+
+def write_detection_outputs(cli: DetectionCLI, results: dict, seconds: float) -> dict:
+    """Adapter, training curves, results.json and the printed table (rank 0 only)."""
+    model, data, trainer, run_dir = cli.model, cli.datamodule, cli.trainer, cli.run_dir
+    if not trainer.is_global_zero:
+        return {}
+    save_backbone_adapter(model, run_dir)
+    metrics_csv = run_dir / "metrics.csv"
+    if metrics_csv.is_file():
+        plot_training_curves(metrics_csv, run_dir / "training_curves.png", scores=("val/map", "val/map_50"),
+                             score_label="mAP", loss_label="detection loss")
+    row = results_row(model, data, trainer.current_epoch, results, seconds)
+    if cli.config.export_dir:
+        from visionlora.pretrain import export_pretrained_detector_backbone  # only pretraining runs need it
+
+        export_pretrained_detector_backbone(cli, row, Path(cli.config.export_dir))
+    per_class = per_class_ap(model, data.class_names)
+    (run_dir / "results.json").write_text(json.dumps(row | {"test AP per class": per_class}, indent=2))
+    print(f"\nrun directory: {run_dir}\n{format_table([row])}")
+    return row
+
+
+def results_row(model: LoraDetector, data: CocoDetectionDataModule, epochs: int, results: dict,
+                seconds: float) -> dict:
+    """The printed and saved summary: method, backbone, shots, trainable parameters and test mAP."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = model.trainable_parameter_count()
+    nan = float("nan")
+    return {
+        "method": model.hparams.method,
+        "backbone": model.hparams.backbone,
+        "detector": model.hparams.detector,
+        "shots": data.shots,
+        "trainable": trainable,
+        "trainable %": 100.0 * trainable / total,
+        "test mAP": results.get("test/map", nan),
+        "mAP@50": results.get("test/map_50", nan),
+        "mAP@75": results.get("test/map_75", nan),
+        "epochs": epochs,
+        "fit seconds": round(seconds, 1),
+    }
+
+
+def per_class_ap(model: LoraDetector, class_names: list[str]) -> dict[str, float]:
+    """Test AP (IoU 0.50:0.95) per class name, from the last test epoch (empty without one)."""
+    found = getattr(model, "test_results", None)
+    if found is None:
+        return {}
+    return {class_names[label - 1]: float(ap) for label, ap in zip(found["classes"].tolist(), found["map_per_class"],
+                                                                   strict=True) if 1 <= label <= len(class_names)}
+
+
+def save_backbone_adapter(model: LoraDetector, run_dir: Path) -> None:
+    """``adapter/``: the LoRA of the module it was injected into (the backbone by default), plus a README."""
+    roots = [m for m in model.model.modules() if lora_state(m) is not None]
+    if not roots:
+        return
+    save_adapter(roots[0], run_dir / "adapter")
+    (run_dir / "adapter" / "README.md").write_text(ADAPTER_README.format(run_dir=run_dir))
