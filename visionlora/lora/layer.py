@@ -76,6 +76,11 @@ class LoraLayer(nn.Module):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def add_activation_delta_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out += activation_delta(x)`` in place: ``out`` is the base layer's fresh output, which nothing saved
+        for backward, so no second and third output-sized tensor (the delta, the sum) stay in the allocator."""
+        return out.add_(self.activation_delta(x))
+
     # ----- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -86,7 +91,7 @@ class LoraLayer(nn.Module):
         if self.weight_form:
             return self.forward_with_weight(x, self.adapted_weight())
         lora_input = self.lora_dropout(x) if self.lora_dropout is not None else x
-        return self.base_layer(x) + self.activation_delta(lora_input)
+        return self.add_activation_delta_(self.base_layer(x), lora_input)
 
     def forward_in_form(self, x: torch.Tensor, weight_form: bool) -> torch.Tensor:
         """The unmerged forward pass in the given form (both give the same result up to float rounding)."""

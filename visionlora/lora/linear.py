@@ -39,6 +39,15 @@ class LoraLinear(LoraLayer):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base_layer.bias)
 
+    def add_activation_delta_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not out.is_contiguous():
+            return super().add_activation_delta_(out, x)
+        # One fused multiply-add into the base output, no output-sized temporary at all. In-place ops skip
+        # autocast, so the factors follow the output's dtype.
+        low = F.linear(x, self.lora_A).reshape(-1, self.rank).to(out.dtype)
+        out.view(-1, out.shape[-1]).addmm_(low, (self.lora_B * self.scale).t().to(out.dtype))
+        return out
+
 
 class QKVSlices(nn.Module):
     """Per-slice factors for a fused (q, k, v) projection whose output rows are [q; k; v], each ``dim`` long.
