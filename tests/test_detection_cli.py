@@ -94,7 +94,7 @@ def test_checkpoint_keeps_every_tensor_only_for_a_random_backbone():
 
 
 def test_detection_run_writes_run_directory_and_map(scenes, tmp_path):
-    row = train_main(["--config", str(DEFAULT), "--model.pretrained_file", BUNDLED, *tiny(scenes),
+    row = train_main(["--config", str(DEFAULT), *tiny(scenes),
                       "--data.shots", "2", "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
                       "--runs_dir", str(tmp_path), "--run_name", "t"])
     (run_dir,) = sorted((tmp_path / "t").iterdir())
@@ -102,6 +102,7 @@ def test_detection_run_writes_run_directory_and_map(scenes, tmp_path):
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
                  "checkpoints/last.ckpt"]:
         assert (run_dir / name).is_file(), name
+    assert "LoRA of the whole detector" in (run_dir / "adapter" / "README.md").read_text()  # the default: adapt all
     results = json.loads((run_dir / "results.json").read_text())
     for key in ("test mAP", "mAP@50", "mAP@75"):
         assert 0.0 <= results[key] <= 1.0 and results[key] == pytest.approx(row[key])

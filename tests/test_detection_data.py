@@ -86,6 +86,33 @@ def test_ensure_generates_once_atomically_and_refuses_other_settings(tmp_path, m
         ensure_synthetic_scenes(root, splits, image_size=64, seed=1)
 
 
+def test_night_camera_sees_the_same_objects_in_grey_with_sensor_noise():
+    colour = render_scene(scene_rng(0, "train", 5), 64)
+    night = render_scene(scene_rng(0, "train", 5), 64, camera="night")
+    assert night.labels == colour.labels and all(np.array_equal(a, b) for a, b in zip(night.masks, colour.masks,
+                                                                                         strict=True))
+    again = render_scene(scene_rng(0, "train", 5), 64, camera="night")
+    assert np.array_equal(night.image, again.image)
+    # Luminance only: the colour scene's channel mean, plus zero-mean noise of std NIGHT_NOISE in every channel.
+    noise = night.image.astype(np.float32) - colour.image.astype(np.float32).mean(axis=2, keepdims=True)
+    assert abs(float(noise.mean())) < 2.0 and 25.0 < float(noise.std()) < synthetic_scenes.NIGHT_NOISE + 1
+    with pytest.raises(ValueError, match="camera must be one of"):
+        render_scene(scene_rng(0, "train", 5), 64, camera="infrared")
+
+
+def test_night_scenes_are_their_own_dataset(tmp_path):
+    splits = {"train": 2}
+    ensure_synthetic_scenes(tmp_path / "night", splits, image_size=64, camera="night")
+    marker = json.loads((tmp_path / "night" / "generation.json").read_text())
+    assert marker["camera"] == "night"
+    with pytest.raises(ValueError, match="exists but holds"):  # a colour request must not reuse night scenes
+        ensure_synthetic_scenes(tmp_path / "night", splits, image_size=64)
+    info = json.loads((tmp_path / "night" / "train" / "annotations.json").read_text())["info"]
+    assert info["camera"] == "night"
+    module = CocoDetectionDataModule("synthetic_night")
+    assert module.root == Path("data/synthetic_scenes_night") and module.num_classes == 6
+
+
 # ---------------------------------------------------------------- COCO reading and checking
 
 

@@ -106,6 +106,19 @@ def test_trainable_parameters_per_method(backbone):
     assert lora.trainable_parameter_count() == sum(p.numel() for p in lora.parameters() if id(p) in expected)
     # LoRA trains what the frozen method trains (same FPN and head) plus its own factors, and nothing else.
     assert lora.trainable_parameter_count() == frozen.trainable_parameter_count() + sum(p.numel() for p in lora_params)
+    predictor = LoraDetector(method="predictor", **kwargs)
+    logits = predictor.model.head.classification_head.cls_logits
+    assert _trainable(predictor) == names(logits.parameters())
+    # A 3x3 conv from the FPN's channels to one logit per class, with a bias.
+    assert predictor.trainable_parameter_count() == SMALL["fpn_channels"] * 9 * NUM_CLASSES + NUM_CLASSES
+
+
+def test_predictor_method_trains_the_roi_box_predictor_of_faster_rcnn():
+    model = LoraDetector(backbone="test_resnet", num_classes=NUM_CLASSES, detector="faster_rcnn", method="predictor",
+                         **SMALL).model
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    layers = ("cls_score", "bbox_pred")
+    assert trained == {f"roi_heads.box_predictor.{layer}.{t}" for layer in layers for t in ("weight", "bias")}
 
 
 def test_adapt_all_trains_only_lora_and_class_predictor():
@@ -115,6 +128,22 @@ def test_adapt_all_trains_only_lora_and_class_predictor():
     head = {n for n in trained if not n.rpartition(".")[2].startswith("lora_")}
     assert head == {"head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"}
     assert any(n.startswith("backbone.fpn.") for n in trained) and any(n.startswith("backbone.body.") for n in trained)
+
+
+def test_freeze_bn_false_lets_a_from_scratch_backbone_train_its_residual_branches():
+    """Frozen at random initialisation, BatchNorm is the identity and timm's zero-initialised last BatchNorm of each
+    residual block (zero_init_last) stays zero, so no gradient reaches the branch; freeze_bn=False trains it."""
+    images, targets = make_batch()
+    frozen, trained = build("test_resnet"), build("test_resnet", freeze_bn=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.backbone.body.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in trained.backbone.body.modules())
+    for model in (frozen, trained):
+        sum(model.train()(images, targets).values()).backward()
+    # Frozen: the block's last scale is a zero buffer, for ever, and the branch's convs get exactly no gradient.
+    block = frozen.backbone.body.layer3[0]
+    assert block.bn3.weight.abs().sum() == 0 and block.conv1.weight.grad.abs().sum() == 0
+    # Trained: that scale is a parameter with a gradient, so the branch switches on after the first step.
+    assert trained.backbone.body.layer3[0].bn3.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("method", ["lora", "frozen"])

@@ -18,7 +18,6 @@ from visionlora.lora import lora_layers
 from visionlora.models.detection import load_merged_detector
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = "local-dir:" + str(ROOT / "data" / "weights" / "resnet_shapes")
 
 
 def _load_tool():
@@ -33,13 +32,14 @@ TOOL = _load_tool()
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A two-epoch LoRA FCOS run from the bundled backbone on a tiny COCO-format folder (64 px scenes)."""
+    """A two-epoch LoRA FCOS run from the bundled base detector (the default config: LoRA in every conv) on a tiny
+    COCO-format folder (64 px scenes)."""
     scenes = tmp_path_factory.mktemp("scenes")
     for split, count in {"train": 12, "test": 4}.items():
         generate_scenes(scenes, count, image_size=64, seed=0, split=split)
     runs = tmp_path_factory.mktemp("runs")
-    train_main(["--config", str(ROOT / "configs" / "detection" / "default.yaml"), "--model.pretrained_file",
-                BUNDLED, "--data.dataset", "coco", "--data.root", str(scenes), "--data.image_size", "64",
+    train_main(["--config", str(ROOT / "configs" / "detection" / "default.yaml"), "--data.dataset", "coco",
+                "--data.root", str(scenes), "--data.image_size", "64",
                 "--data.shots", "2", "--data.batch_size", "4", "--model.min_size", "64", "--model.max_size", "64",
                 "--model.fpn_channels", "64", "--model.lr", "0.01", "--trainer.max_epochs", "2",
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -4,6 +4,7 @@
     python tools/train.py --config configs/classification/vit_b16_lora.yaml --data.root /data/pets
     python tools/train.py --config configs/default.yaml --model.lora.r 16 --print_config
     python tools/train.py --config configs/default.yaml --ckpt_path last   # resume the newest run
+    python tools/train.py --config configs/detection/default.yaml          # few-shot detection (a detector: key)
 """
 
 import sys

@@ -21,10 +21,17 @@ from visionlora.lora import lora_state, save_adapter
 from visionlora.reporting import format_table, plot_training_curves
 from visionlora.tasks import LoraDetector
 
-ADAPTER_README = """This adapter holds the backbone's LoRA (PEFT layout, paths relative to the timm backbone).
-The FPN and the detection head are trained fully and are not in it: they live in checkpoints/last.ckpt.
+ADAPTER_README = """This adapter holds the LoRA of {scope} (PEFT layout, paths relative to it).
+{rest}
 For a standalone detector, merge and export the run: python tools/export_merged.py {run_dir}
 """
+# What the adapter covers, per LoraDetector.adapt, and where the rest of the trained tensors are.
+ADAPTER_SCOPES = {
+    "backbone": ("the timm backbone", "The FPN and the detection head train fully and live in checkpoints/last.ckpt."),
+    "backbone+fpn": ("the backbone and FPN (module `backbone`)",
+                     "The detection head trains fully and lives in checkpoints/last.ckpt."),
+    "all": ("the whole detector", "The new class predictor trains fully and lives in checkpoints/last.ckpt."),
+}
 
 
 class DetectionCLI(VisionLoraCLI):
@@ -99,9 +106,11 @@ def per_class_ap(model: LoraDetector, class_names: list[str]) -> dict[str, float
 
 
 def save_backbone_adapter(model: LoraDetector, run_dir: Path) -> None:
-    """``adapter/``: the LoRA of the module it was injected into (the backbone by default), plus a README."""
+    """``adapter/``: the LoRA of the module it was injected into (``adapt``: backbone, backbone+FPN or all), plus a
+    README."""
     roots = [m for m in model.model.modules() if lora_state(m) is not None]
     if not roots:
         return
     save_adapter(roots[0], run_dir / "adapter")
-    (run_dir / "adapter" / "README.md").write_text(ADAPTER_README.format(run_dir=run_dir))
+    scope, rest = ADAPTER_SCOPES[model.hparams.adapt]
+    (run_dir / "adapter" / "README.md").write_text(ADAPTER_README.format(scope=scope, rest=rest, run_dir=run_dir))

@@ -31,15 +31,17 @@ from .synthetic_scenes import (
     BASE_SPLITS,
     CLASS_NAMES,
     DEFAULT_ROOT,
+    NIGHT_ROOT,
     ensure_synthetic_scenes,
 )
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "synthetic_base", "coco")
+DATASETS = ("synthetic", "synthetic_night", "synthetic_base", "coco")
 # The embedded datasets: default root and the ensure_synthetic_scenes arguments that generate them.
 SYNTHETIC = {
     "synthetic": (DEFAULT_ROOT, {"classes": CLASS_NAMES}),
+    "synthetic_night": (NIGHT_ROOT, {"classes": CLASS_NAMES, "camera": "night"}),
     "synthetic_base": (BASE_ROOT, {"classes": BASE_CLASS_NAMES, "splits": BASE_SPLITS, "seed": BASE_SEED}),
 }
 SPLITS = ("train", "val", "test")
@@ -57,10 +59,11 @@ class CocoDetectionDataModule(L.LightningDataModule):
 
     Args:
         dataset: ``"synthetic"`` (the embedded shapes scenes, generated under ``root`` on first use, about 4 s),
+            ``"synthetic_night"`` (the same scenes seen by a grey, noisy camera: a domain shift),
             ``"synthetic_base"`` (the same scenes with the six disjoint base shapes, 2000 training images, for
             pretraining a backbone; about 20 s to generate) or ``"coco"`` (any COCO-format detection data).
-        root: Dataset folder. Synthetic: default ``data/synthetic_scenes`` (``data/synthetic_scenes_base``),
-            relative to the working directory.
+        root: Dataset folder. Synthetic: default ``data/synthetic_scenes`` (``data/synthetic_scenes_night``,
+            ``data/synthetic_scenes_base``), relative to the working directory.
             COCO: the folder with the standard layout, needed unless every split path below is given.
         train_annotations: COCO only: the training json, instead of the standard layout (with ``train_images``).
         train_images: COCO only: the folder the training json's ``file_name`` entries are relative to.

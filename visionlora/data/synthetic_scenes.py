@@ -41,6 +41,10 @@ BASE_ROOT = "data/synthetic_scenes_base"
 BASE_SPLITS: dict[str, int] = {"train": 2000, "val": 100, "test": 200}
 BASE_SEED = 1
 DEFAULT_IMAGE_SIZE = 128
+# How scenes are seen: in colour, or by a grey, noisy "night" camera (the same scenes under a domain shift).
+CAMERAS = ("colour", "night")
+NIGHT_ROOT = "data/synthetic_scenes_night"
+NIGHT_NOISE = 30.0
 DEFAULT_SEED = 0
 MAX_OBJECTS = 4
 MIN_VISIBLE = 0.6  # share of an object's pixels that must stay visible when later objects overlap it
@@ -96,8 +100,14 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def render_scene(rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE,
-                 classes: tuple[str, ...] = CLASS_NAMES) -> Scene:
-    """Draw a cluttered background and 1 to :data:`MAX_OBJECTS` shapes of ``classes`` (labels 1..C) with ``rng``."""
+                 classes: tuple[str, ...] = CLASS_NAMES, camera: str = "colour") -> Scene:
+    """Draw a cluttered background and 1 to :data:`MAX_OBJECTS` shapes of ``classes`` (labels 1..C) with ``rng``.
+
+    ``camera`` is how the scene is seen (:data:`CAMERAS`): ``colour``, or ``night``, the same scene in luminance
+    only with heavy sensor noise, a domain shift for cross-domain few-shot detection.
+    """
+    if camera not in CAMERAS:
+        raise ValueError(f"camera must be one of {CAMERAS}, got {camera!r}")
     image = _background(rng, size)
     labels: list[int] = []
     full: list[np.ndarray] = []
@@ -114,7 +124,14 @@ def render_scene(rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE,
         full.append(mask)
         labels.append(label)
     noisy = image.astype(np.float32) + rng.normal(0.0, 6.0, image.shape)
-    return Scene(np.clip(noisy, 0, 255).astype(np.uint8), labels, visible)
+    image = np.clip(noisy, 0, 255).astype(np.uint8)
+    return Scene(night_camera(image, rng) if camera == "night" else image, labels, visible)
+
+
+def night_camera(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The scene in luminance only (colour contrast is gone) plus Gaussian sensor noise of std :data:`NIGHT_NOISE`."""
+    grey = image.astype(np.float32).mean(axis=2, keepdims=True).repeat(3, axis=2)
+    return np.clip(grey + rng.normal(0.0, NIGHT_NOISE, grey.shape), 0, 255).astype(np.uint8)
 
 
 def generate_scenes(
@@ -124,6 +141,7 @@ def generate_scenes(
     seed: int = DEFAULT_SEED,
     split: str = "train",
     classes: tuple[str, ...] = CLASS_NAMES,
+    camera: str = "colour",
 ) -> Path:
     """Write ``num_images`` scenes to ``out_dir/<split>/images/*.png`` and ``out_dir/<split>/annotations.json``.
 
@@ -140,7 +158,7 @@ def generate_scenes(
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
-        scene = render_scene(scene_rng(seed, split, index), image_size, tuple(classes))
+        scene = render_scene(scene_rng(seed, split, index), image_size, tuple(classes), camera)
         image_id, file_name = index + 1, f"{index:06d}.png"
         Image.fromarray(scene.image).save(image_dir / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
@@ -151,7 +169,8 @@ def generate_scenes(
                  "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(mask.sum()), "iscrowd": 0}
             )  # fmt: skip
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(classes)]
-    info = {"description": "visionlora synthetic scenes", "seed": seed, "split": split, "version": GENERATOR_VERSION}
+    info = {"description": "visionlora synthetic scenes", "seed": seed, "split": split, "version": GENERATOR_VERSION,
+            "camera": camera}
     coco = {"info": info, "images": images, "annotations": annotations, "categories": categories}
     path = Path(out_dir) / split / "annotations.json"
     path.write_text(json.dumps(coco), encoding="utf-8")
@@ -164,6 +183,7 @@ def ensure_synthetic_scenes(
     image_size: int = DEFAULT_IMAGE_SIZE,
     seed: int = DEFAULT_SEED,
     classes: tuple[str, ...] = CLASS_NAMES,
+    camera: str = "colour",
 ) -> Path:
     """Generate the scenes under ``root`` once; later calls with the same settings reuse them.
 
@@ -177,6 +197,7 @@ def ensure_synthetic_scenes(
         seed: Seed of the scenes.
         classes: Shape classes to draw: :data:`CLASS_NAMES` (the novel, few-shot classes) or
             :data:`BASE_CLASS_NAMES` (the disjoint pretraining classes, with :data:`BASE_ROOT` and :data:`BASE_SEED`).
+        camera: ``colour`` or ``night`` (see :func:`render_scene`).
 
     Returns:
         ``root``, holding ``<split>/images/*.png``, ``<split>/annotations.json`` and ``generation.json``.
@@ -190,13 +211,15 @@ def ensure_synthetic_scenes(
     if tuple(classes) != CLASS_NAMES:
         # Only recorded when not the default, so folders generated before base classes existed stay valid.
         wanted["classes"] = list(classes)
+    if camera != "colour":
+        wanted["camera"] = camera
     if root.exists():
         return _check_marker(root, wanted)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         for split, count in wanted["splits"].items():
-            generate_scenes(tmp, count, image_size, seed, split, tuple(classes))
+            generate_scenes(tmp, count, image_size, seed, split, tuple(classes), camera)
         (tmp / MARKER_FILE).write_text(json.dumps(wanted, indent=2), encoding="utf-8")
         os.rename(tmp, root)
     except OSError:

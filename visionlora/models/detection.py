@@ -11,6 +11,7 @@ only), ``backbone.fpn``, then the detector's own ``head`` (FCOS, RetinaNet) or `
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections import OrderedDict
@@ -34,7 +35,7 @@ from .backbone import LOCAL_DIR, create_backbone
 
 DETECTORS = ("fcos", "retinanet", "faster_rcnn")
 ADAPT_SCOPES = ("backbone", "backbone+fpn", "all")
-METHODS = ("lora", "frozen", "full")
+METHODS = ("lora", "frozen", "predictor", "full")
 # FCOS's head normalises with GroupNorm(32, channels).
 FCOS_GROUPS = 32
 # A merged detector folder (visionlora.export.detection): create_detector arguments + weights.
@@ -120,8 +121,9 @@ def create_detector(backbone: str, num_classes: int, detector: str = "fcos", pre
                     pretrained_file: str | None = None, model_args: dict | None = None,
                     out_indices: tuple[int, ...] | None = None, fpn_channels: int = 128, min_size: int = 256,
                     max_size: int = 512, anchor_scale: float = 4.0, image_mean: list[float] | None = None,
-                    image_std: list[float] | None = None, detector_args: dict | None = None) -> nn.Module:
-    """Build a torchvision detector on a timm backbone with an FPN; BatchNorm in the backbone is frozen.
+                    image_std: list[float] | None = None, detector_args: dict | None = None,
+                    freeze_bn: bool = True) -> nn.Module:
+    """Build a torchvision detector on a timm backbone with an FPN; BatchNorm in the backbone is frozen by default.
 
     Args:
         backbone: timm architecture name (a ``local-dir:`` ``pretrained_file`` names its own, as in
@@ -143,12 +145,16 @@ def create_detector(backbone: str, num_classes: int, detector: str = "fcos", pre
         image_std: Normalisation std; default: the backbone's pretrained_cfg.
         detector_args: Extra keyword arguments for the torchvision detector (``score_thresh``, ``nms_thresh``,
             ``detections_per_img``, ``box_batch_size_per_image``, ...).
+        freeze_bn: Replace the backbone's BatchNorm by frozen copies of its (pretrained) statistics and affine, as
+            torchvision and detectron2 do for fine-tuning. Set False only to train a backbone from scratch: frozen
+            at random initialisation, BatchNorm stays the identity and the zero-initialised last BatchNorm of each
+            timm residual block (``zero_init_last``) stays zero, which switches every residual branch off for good.
     """
     if detector not in DETECTORS:
         raise ValueError(f"detector must be one of {DETECTORS}, got {detector!r}")
     if detector == "fcos" and fpn_channels % FCOS_GROUPS:
         raise ValueError(f"fpn_channels must be a multiple of {FCOS_GROUPS} for FCOS (GroupNorm), got {fpn_channels}")
-    body = create_features(backbone, pretrained, pretrained_file, model_args, out_indices)
+    body = create_features(backbone, pretrained, pretrained_file, model_args, out_indices, freeze_bn)
     levels = select_levels(body.feature_info.reduction(), explicit=out_indices is not None)
     extra = LastLevelMaxPool() if detector == "faster_rcnn" else LastLevelP6P7(fpn_channels, fpn_channels)
     neck = TimmFPN(body, levels, fpn_channels, extra)
@@ -175,18 +181,74 @@ def load_merged_detector(folder: str | Path, dtype: torch.dtype | None = None) -
             float16/bfloat16, so a half-precision export runs whole on a GPU, or on a CPU after ``torch.float32``.
     """
     folder = Path(folder)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"load_merged_detector: {folder} has no {name}")
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    if config.get("format_version") != FORMAT_VERSION or "create_detector" not in config:
-        raise ValueError(f"load_merged_detector: {folder / CONFIG_NAME} is not a merged detector config "
-                         f"(format_version {FORMAT_VERSION} with create_detector arguments)")
+    config = read_detector_config(folder)
     model = create_detector(**dict(config["create_detector"], pretrained=False, pretrained_file=None))
     state = load_file(str(folder / WEIGHTS_NAME))
     written = next(v.dtype for v in state.values() if v.is_floating_point())
     model.to(written).load_state_dict(state, strict=True)
     return model.to(dtype or written).eval()
+
+
+# What a base detector must share with the detector it initialises (num_classes, sizes and thresholds may differ).
+BASE_ARCHITECTURE_FIELDS = ("backbone", "detector", "model_args", "out_indices", "fpn_channels", "anchor_scale")
+
+
+def load_base_detector(detector: nn.Module, folder: str | Path, architecture: dict) -> list[str]:
+    """Initialise ``detector`` from a detector trained on other classes, except its per-class predictors.
+
+    TFA's fine-tuning stage (Wang et al. 2020, "Frustratingly Simple Few-Shot Object Detection", arXiv:2003.06957):
+    the backbone, FPN and box head of a detector trained on plentiful *base* classes start the few-shot *novel*
+    detector, whose class predictor starts anew (torchvision's initialisation) because its classes are new.
+
+    Args:
+        detector: A fresh :func:`create_detector` model for the novel classes.
+        folder: A merged detector folder (``config.json`` + ``model.safetensors``, as ``tools/export_merged.py``
+            and ``tools/pretrain.py`` write them).
+        architecture: ``detector``'s :func:`create_detector` arguments; those in :data:`BASE_ARCHITECTURE_FIELDS`
+            must equal the base detector's, or its weights would not fit.
+
+    Returns:
+        The state_dict keys left at their fresh initialisation (the class predictor's).
+    """
+    folder = Path(folder)
+    config = read_detector_config(folder)
+    # An argument a config leaves out had create_detector's default when that detector was built.
+    defaults = {k: v.default for k, v in inspect.signature(create_detector).parameters.items()}
+    base, architecture = defaults | config["create_detector"], defaults | architecture
+    for field in BASE_ARCHITECTURE_FIELDS:
+        if _comparable(base.get(field)) != _comparable(architecture.get(field)):
+            raise ValueError(f"base detector {folder}: was built with {field}={base.get(field)!r}, this detector "
+                             f"has {field}={architecture.get(field)!r}; set it to the base detector's value")
+    state = load_file(str(folder / WEIGHTS_NAME))
+    fresh = [k for k in detector.state_dict() if any(k.startswith(p + ".") for p in class_predictor_paths(detector))]
+    own = detector.state_dict()
+    # A base trained with live BatchNorm has counters that the frozen copies here do not keep.
+    kept = {k: v.float() for k, v in state.items()
+            if k not in fresh and not (k.endswith("num_batches_tracked") and k not in own)}
+    missing, unexpected = detector.load_state_dict(kept, strict=False)
+    if set(missing) != set(fresh) or unexpected:
+        raise ValueError(f"base detector {folder / WEIGHTS_NAME}: its tensors do not fit this detector "
+                         f"(missing {sorted(set(missing) - set(fresh))[:3]}, unexpected {unexpected[:3]})")
+    return fresh
+
+
+def _comparable(value):
+    """A config value as JSON gives it back: tuples are lists, and no ``model_args`` is the same as empty ones."""
+    if value in ({}, None):
+        return None
+    return list(value) if isinstance(value, tuple) else value
+
+
+def read_detector_config(folder: Path) -> dict:
+    """The ``config.json`` of a merged detector folder, checked for its files and format version."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a detector folder: it has no {name}")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    if config.get("format_version") != FORMAT_VERSION or "create_detector" not in config:
+        raise ValueError(f"{folder / CONFIG_NAME} is not a merged detector config "
+                         f"(format_version {FORMAT_VERSION} with create_detector arguments)")
+    return config
 
 
 def build_detector(detector: str, neck: TimmFPN, num_classes: int, anchor_scale: float, kwargs: dict) -> nn.Module:
@@ -207,8 +269,8 @@ def build_detector(detector: str, neck: TimmFPN, num_classes: int, anchor_scale:
 
 
 def create_features(backbone: str, pretrained: bool, pretrained_file: str | None, model_args: dict | None,
-                    out_indices: tuple[int, ...] | None) -> nn.Module:
-    """timm's ``features_only`` model with pretrained classification weights loaded and BatchNorm frozen."""
+                    out_indices: tuple[int, ...] | None, freeze_bn: bool = True) -> nn.Module:
+    """timm's ``features_only`` model with pretrained classification weights loaded and BatchNorm frozen (default)."""
     local_dir = bool(pretrained_file) and Path(pretrained_file.removeprefix(LOCAL_DIR)).is_dir()
     if not local_dir and ":" not in backbone and not timm.is_model(backbone):
         raise ValueError(f"unknown timm backbone {backbone!r} (see timm.list_models())")
@@ -224,7 +286,7 @@ def create_features(backbone: str, pretrained: bool, pretrained_file: str | None
         body = create_backbone(backbone, 0, pretrained, pretrained_file, args)
     # Detection batches of a few images cannot estimate BatchNorm statistics; like torchvision's and detectron2's
     # detection backbones, keep the pretrained ones (and the affine) fixed for every training method.
-    return freeze_batch_norm_2d(body)
+    return freeze_batch_norm_2d(body) if freeze_bn else body
 
 
 def resolve_backbone(backbone: str, pretrained_file: str | None, model_args: dict | None) -> tuple[str, dict]:
@@ -312,10 +374,19 @@ def unload_detector_lora(detector: nn.Module) -> nn.Module:
 
 def freeze_for_method(detector: nn.Module, method: str, lora: LoraConfig | None = None,
                       adapt: str = "backbone") -> None:
-    """``lora``: :func:`apply_detector_lora`; ``frozen``: backbone body frozen, the rest trains; ``full``: all train."""
+    """How much of ``detector`` trains.
+
+    ``lora``: :func:`apply_detector_lora`; ``frozen``: the backbone body is frozen, the FPN and head train;
+    ``predictor``: only the per-class predictor trains (TFA's last-layer fine-tuning of a base detector, Wang et al.
+    2020, arXiv:2003.06957); ``full``: everything trains.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "lora":
         apply_detector_lora(detector, lora or LoraConfig(targets=default_lora_targets(detector)), adapt)
     elif method == "frozen":
         detector.backbone.body.requires_grad_(False)
+    elif method == "predictor":
+        detector.requires_grad_(False)
+        for path in class_predictor_paths(detector):
+            detector.get_submodule(path).requires_grad_(True)

@@ -9,6 +9,7 @@ LoRA+ (Hayou et al. 2024, arXiv:2402.12354) gives B a larger learning rate.
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -21,6 +22,8 @@ from visionlora.models.detection import (
     create_detector,
     default_lora_targets,
     freeze_for_method,
+    load_base_detector,
+    read_detector_config,
     resolve_backbone,
 )
 
@@ -29,7 +32,7 @@ from .classification import warmup_cosine
 # The hyperparameters that describe the detector's architecture: enough to rebuild it (see detector_from_hparams).
 DETECTOR_KWARGS = ("backbone", "num_classes", "detector", "pretrained", "pretrained_file", "model_args",
                    "out_indices", "fpn_channels", "min_size", "max_size", "anchor_scale", "image_mean", "image_std",
-                   "detector_args")
+                   "detector_args", "freeze_bn")
 SUMMARY_METRICS = ("map", "map_50", "map_75")
 # Per-class APs stop being readable (and cheap to log) beyond this many classes.
 MAX_CLASSES_PER_CLASS_LOG = 50
@@ -50,10 +53,16 @@ class LoraDetector(L.LightningModule):
         min_size: Shorter image side after the detector's own resize.
         max_size: Cap on the longer side after that resize.
         anchor_scale: Anchor side / stride for RetinaNet and Faster R-CNN.
-        image_mean: Normalisation mean; default (None): the backbone's pretrained_cfg, then recorded here.
+        image_mean: Normalisation mean; default (None): the base detector's, else the backbone's pretrained_cfg,
+            then recorded here.
         image_std: Normalisation std; default as ``image_mean``.
         detector_args: Extra torchvision detector arguments (``score_thresh``, ``detections_per_img``, ...).
-        method: ``lora`` (LoRA in the backbone; FPN and head train fully), ``frozen`` (backbone frozen) or ``full``.
+        base_detector: A detector folder trained on other (base) classes to start from (TFA's fine-tuning stage):
+            everything but the class predictor is loaded from it; its architecture fields must match these.
+        freeze_bn: Freeze the backbone's BatchNorm (statistics and affine); False only for training from scratch,
+            e.g. pretraining a backbone (see ``create_detector``).
+        method: ``lora`` (LoRA where ``adapt`` says), ``frozen`` (backbone frozen; FPN and head train),
+            ``predictor`` (only the class predictor trains: TFA's fine-tuning of a ``base_detector``) or ``full``.
         lora: LoRA settings (``method="lora"``); default: rank 8 on ``attn`` for attention backbones, else ``conv``.
         adapt: Where LoRA goes: ``backbone``, ``backbone+fpn`` or ``all`` (see ``apply_detector_lora``).
         lr: Learning rate of the LoRA parameters.
@@ -70,7 +79,8 @@ class LoraDetector(L.LightningModule):
                  pretrained: bool = False, pretrained_file: str | None = None, model_args: dict | None = None,
                  out_indices: tuple[int, ...] | None = None, fpn_channels: int = 128, min_size: int = 256,
                  max_size: int = 512, anchor_scale: float = 4.0, image_mean: list[float] | None = None,
-                 image_std: list[float] | None = None, detector_args: dict | None = None, method: str = "lora",
+                 image_std: list[float] | None = None, detector_args: dict | None = None, freeze_bn: bool = True,
+                 base_detector: str | None = None, method: str = "lora",
                  lora: LoraConfig | dict | None = None, adapt: str = "backbone", lr: float = 1e-3,
                  head_lr: float | None = None, backbone_lr: float | None = None, lora_weight_decay: float = 0.01,
                  head_weight_decay: float = 0.01, backbone_weight_decay: float = 0.05,
@@ -82,7 +92,17 @@ class LoraDetector(L.LightningModule):
         self.save_hyperparameters(ignore=["lora"])
         # Self-describing hparams: a local-dir folder's architecture and shape, so a rebuild needs no folder.
         self.hparams["backbone"], self.hparams["model_args"] = resolve_backbone(backbone, pretrained_file, model_args)
+        if base_detector and (pretrained or pretrained_file):
+            raise ValueError(f"base_detector {base_detector} already holds the backbone's weights: drop "
+                             f"pretrained / pretrained_file (got {pretrained_file or 'pretrained=True'})")
+        if base_detector:
+            # The base detector's normalisation is what its weights expect, unless overridden.
+            base_args = read_detector_config(Path(base_detector))["create_detector"]
+            for key in ("image_mean", "image_std"):
+                self.hparams[key] = self.hparams[key] or base_args.get(key)
         self.model = create_detector(**{k: self.hparams[k] for k in DETECTOR_KWARGS})
+        if base_detector:
+            load_base_detector(self.model, base_detector, {k: self.hparams[k] for k in DETECTOR_KWARGS})
         # Record what the backbone's config chose, so the detector can be rebuilt without its weights.
         self.hparams["image_mean"] = list(self.model.transform.image_mean)
         self.hparams["image_std"] = list(self.model.transform.image_std)
@@ -178,9 +198,12 @@ class LoraDetector(L.LightningModule):
 
         A randomly initialised backbone (no ``pretrained``, no ``pretrained_file``) cannot be rebuilt, so its
         checkpoint keeps every tensor: otherwise exporting or evaluating it later would use other random weights.
+        Nor can BatchNorm statistics that training updates (``freeze_bn=False``): those checkpoints are whole too.
+        A ``base_detector`` folder rebuilds everything the few-shot run did not train.
         """
         h = self.hparams
-        if h.method == "full" or not (h.pretrained or h.pretrained_file):
+        rebuildable = h.pretrained or h.pretrained_file or h.get("base_detector")
+        if h.method == "full" or not rebuildable or not h.freeze_bn:
             return
         trained = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
@@ -196,5 +219,6 @@ def detector_from_hparams(hparams: dict) -> nn.Module:
     The state_dict of the trained detector after ``unload_detector_lora`` loads into it with ``strict=True``:
     this is how an export rebuilds the merged model without the backbone's pretrained weights at hand.
     """
-    kwargs = {k: hparams[k] for k in DETECTOR_KWARGS} | {"pretrained": False, "pretrained_file": None}
+    # Checkpoints from before an argument existed lack it; create_detector's default is what they were built with.
+    kwargs = {k: hparams[k] for k in DETECTOR_KWARGS if k in hparams} | {"pretrained": False, "pretrained_file": None}
     return create_detector(**kwargs)
