@@ -4,6 +4,8 @@ Each variant runs in its own fresh Python process (``--worker``), so its peak RS
 
 * ``full``: every parameter trainable.
 * ``linear_probe``: only ``model.get_classifier()`` trainable.
+* ``input_grad_floor``: nothing trainable, but the input needs a gradient: the forward pass plus the backward pass
+  down to the input, no weight gradient, no optimizer. No LoRA step that adapts every block can cost less.
 * ``peft``: ``peft.LoraConfig(r=8, lora_alpha=8, target_modules=<explicit names>, modules_to_save=[head])``.
 * ``visionlora``: the same modules, rank and alpha (ViT: qkv as one matrix, ``split_qkv=False``, as PEFT does;
   ResNet: preset ``conv``, which the worker checks selects exactly PEFT's module list); ``form='auto'``.
@@ -56,7 +58,8 @@ from pathlib import Path
 
 DEFAULT_MODELS = ["vit_small_patch16_224", "resnet50"]
 QUICK_MODELS = ["vit_tiny_patch16_224", "resnet18"]
-VARIANTS = ["full", "linear_probe", "peft", "visionlora", "visionlora_gc", "visionlora_activation"]
+VARIANTS = ["full", "linear_probe", "input_grad_floor", "peft", "visionlora", "visionlora_gc",
+            "visionlora_activation"]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_step.json"
 RESULT_PREFIX = "RESULT "  # must match train_step_worker.RESULT_PREFIX (not imported: it pulls in torch)
 

@@ -29,7 +29,8 @@ ALPHA = 8.0
 LR = 1e-4
 # Every attention and MLP projection of every ViT block; matched against the full module path.
 VIT_TARGET = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
-TRAIN_VARIANTS = ("full", "linear_probe", "peft", "visionlora", "visionlora_gc", "visionlora_activation")
+TRAIN_VARIANTS = ("full", "linear_probe", "input_grad_floor", "peft", "visionlora", "visionlora_gc",
+                  "visionlora_activation")
 
 
 def build_model(name: str, image_size: int, seed: int) -> nn.Module:
@@ -73,6 +74,11 @@ def setup_variant(model: nn.Module, variant: str) -> tuple[nn.Module, dict]:
     elif variant == "linear_probe":
         model.requires_grad_(False)
         model.get_classifier().requires_grad_(True)
+    elif variant == "input_grad_floor":
+        # What any adapter method that adapts every block must at least pay: the forward pass and the backward pass
+        # down to the input, without a single weight gradient or optimizer update.
+        model.requires_grad_(False)
+        info["input_grad"] = True
     elif variant == "peft":
         model = _setup_peft(model, paths)
     elif variant.startswith("visionlora"):
@@ -116,14 +122,16 @@ def time_train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      warmup: int) -> list[float]:
     """Milliseconds of each timed forward + backward + AdamW step + zero_grad, after ``warmup`` untimed ones."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LR)
+    optimizer = torch.optim.AdamW(trainable, lr=LR) if trainable else None
     model.train()
 
     def step() -> None:
         loss = F.cross_entropy(model(images), labels)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        images.grad = None
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     for _ in range(warmup):
         step()
@@ -171,6 +179,7 @@ def run_train(spec: dict) -> dict:
     total_before = sum(p.numel() for p in model.parameters())
     model, info = setup_variant(model, spec["variant"])
     images, labels = random_batch(spec["batch_size"], spec["image_size"], spec["seed"])
+    images.requires_grad_(info.pop("input_grad", False))
     rss_before = current_rss_mb()
     before = cpu_snapshot()
     times = time_train_steps(model, images, labels, spec["steps"], spec["warmup"])

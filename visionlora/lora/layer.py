@@ -76,10 +76,10 @@ class LoraLayer(nn.Module):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def add_activation_delta_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``out += activation_delta(x)`` in place: ``out`` is the base layer's fresh output, which nothing saved
-        for backward, so no second and third output-sized tensor (the delta, the sum) stay in the allocator."""
-        return out.add_(self.activation_delta(x))
+    def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor) -> torch.Tensor:
+        """base(x) + activation_delta(lora_input), the delta added in place: the base output is fresh and nothing
+        saved it for backward, so no second and third output-sized tensor (the delta, the sum) are made."""
+        return self.base_layer(x).add_(self.activation_delta(lora_input))
 
     # ----- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ class LoraLayer(nn.Module):
         if self.weight_form:
             return self.forward_with_weight(x, self.adapted_weight())
         lora_input = self.lora_dropout(x) if self.lora_dropout is not None else x
-        return self.add_activation_delta_(self.base_layer(x), lora_input)
+        return self.activation_forward(x, lora_input)
 
     def forward_in_form(self, x: torch.Tensor, weight_form: bool) -> torch.Tensor:
         """The unmerged forward pass in the given form (both give the same result up to float rounding)."""

@@ -39,14 +39,16 @@ class LoraLinear(LoraLayer):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base_layer.bias)
 
-    def add_activation_delta_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if not out.is_contiguous():
-            return super().add_activation_delta_(out, x)
-        # One fused multiply-add into the base output, no output-sized temporary at all. In-place ops skip
-        # autocast, so the factors follow the output's dtype.
-        low = F.linear(x, self.lora_A).reshape(-1, self.rank).to(out.dtype)
-        out.view(-1, out.shape[-1]).addmm_(low, (self.lora_B * self.scale).t().to(out.dtype))
-        return out
+    def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor) -> torch.Tensor:
+        # On 2-D rows: the base matmul, then scale · (x·Aᵀ)·Bᵀ accumulated into its output by one in-place addmm
+        # (the scale as addmm's alpha). No output-sized temporary, no extra op to scale B, and no in-place write
+        # through a view, which autograd would undo with a copy of the output gradient.
+        rows = x.reshape(-1, x.shape[-1])
+        out = F.linear(rows, self.base_layer.weight, self.base_layer.bias)
+        low = F.linear(lora_input.reshape(-1, x.shape[-1]), self.lora_A)
+        # In-place ops skip autocast: the factors follow the output's dtype (a no-op in fp32).
+        out.addmm_(low.to(out.dtype), self.lora_B.to(out.dtype).t(), alpha=self.scale)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class QKVSlices(nn.Module):
