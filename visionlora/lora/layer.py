@@ -94,10 +94,11 @@ class LoraLayer(nn.Module):
         return self.activation_forward(x, lora_input)
 
     def forward_in_form(self, x: torch.Tensor, weight_form: bool) -> torch.Tensor:
-        """The unmerged forward pass in the given form (both give the same result up to float rounding)."""
+        """The unmerged forward pass in the given form (both give the same result up to float rounding); the
+        activation form is the very path :meth:`forward` takes, so timing it measures what will run."""
         if weight_form:
             return self.forward_with_weight(x, self.adapted_weight())
-        return self.base_layer(x) + self.activation_delta(x)
+        return self.activation_forward(x, x)
 
     def _has_both_forms(self) -> bool:
         return self.supports_activation_form and not self.use_dora and self.lora_dropout is None
