@@ -31,7 +31,7 @@ from visionlora.models.detection import (
 )
 
 from .merged import DTYPES, REPORT_NAME, TOLERANCES, VerificationError, staged_folder
-from .sources import ExportError, _load_trained_tensors, find_checkpoint, read_checkpoint
+from .sources import ExportError, _load_trained_tensors, find_checkpoint, module_from_hparams, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -232,14 +232,9 @@ def _check_images(source: DetectorSource) -> tuple[list[torch.Tensor], str]:
 
 
 def _detector_module(hparams: dict, checkpoint: Path):
-    from visionlora.lora import LoraConfig
     from visionlora.tasks import LoraDetector  # Lightning is only needed for checkpoints
 
-    lora = hparams.pop("lora", None)
-    try:
-        return LoraDetector(**hparams, lora=LoraConfig(**lora) if lora else None)
-    except (FileNotFoundError, TypeError, ValueError, RuntimeError) as error:
-        raise ExportError(f"{checkpoint}: cannot rebuild its detector ({error})") from error
+    return module_from_hparams(LoraDetector, hparams, checkpoint)
 
 
 def _run_data(datamodule_hparams: dict | None, sample_size: int):

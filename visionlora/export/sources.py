@@ -148,11 +148,16 @@ def read_checkpoint(checkpoint: Path) -> dict:
 def _classifier_from_hparams(hparams: dict, checkpoint: Path):
     from visionlora.tasks import LoraClassifier  # Lightning is only needed for checkpoints
 
+    return module_from_hparams(LoraClassifier, hparams, checkpoint)
+
+
+def module_from_hparams(module_class, hparams: dict, checkpoint: Path):
+    """``module_class(**hparams)`` with the LoRA config rebuilt from its saved dict; a failure names the checkpoint."""
     lora = hparams.pop("lora", None)
     try:
-        return LoraClassifier(**hparams, lora=LoraConfig(**lora) if lora else None)
+        return module_class(**hparams, lora=LoraConfig(**lora) if lora else None)
     except (FileNotFoundError, TypeError, ValueError, RuntimeError) as error:
-        raise ExportError(f"{checkpoint}: cannot rebuild its model ({error})") from error
+        raise ExportError(f"{checkpoint}: cannot rebuild its {module_class.__name__} ({error})") from error
 
 
 def _load_trained_tensors(module: nn.Module, state_dict: dict, checkpoint: Path) -> None:
