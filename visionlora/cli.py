@@ -75,19 +75,29 @@ def main(args: list[str] | None = None) -> dict:
         from visionlora.cli_detection import main as detection_main  # torchvision detectors, only when asked for
 
         return detection_main(args)
-    cli = VisionLoraCLI(LoraClassifier, FewShotDataModule, run=False, seed_everything_default=0, args=args,
-                        save_config_kwargs={"overwrite": True},
-                        trainer_defaults={"logger": False, "callbacks": [ModelCheckpoint(save_last=True)]})
-    model, data, trainer, run_dir = cli.model, cli.datamodule, cli.trainer, cli.run_dir
-    trainer.logger = CSVLogger(save_dir=str(run_dir), name="", version="")
-    data.set_data_config(timm.data.resolve_model_data_config(model.model))
+    cli = build_cli(VisionLoraCLI, LoraClassifier, FewShotDataModule, args)
+    cli.datamodule.set_data_config(timm.data.resolve_model_data_config(cli.model.model))
+    return write_run_outputs(cli, *fit_and_test(cli))
+
+
+def build_cli(cli_class: type[VisionLoraCLI], model_class, data_class, args: list[str] | None) -> VisionLoraCLI:
+    """Parse the arguments into a CLI whose trainer keeps the last checkpoint and logs CSV into the run directory."""
+    cli = cli_class(model_class, data_class, run=False, seed_everything_default=0, args=args,
+                    save_config_kwargs={"overwrite": True},
+                    trainer_defaults={"logger": False, "callbacks": [ModelCheckpoint(save_last=True)]})
+    cli.trainer.logger = CSVLogger(save_dir=str(cli.run_dir), name="", version="")
+    return cli
+
+
+def fit_and_test(cli: VisionLoraCLI) -> tuple[dict, float]:
+    """Fit (resuming when asked), then test unless ``--run_test false``: the test metrics and the fit seconds."""
     started = time.perf_counter()
-    trainer.fit(model, datamodule=data, ckpt_path=cli.resume_from)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
     seconds = time.perf_counter() - started
     results = {}
     if cli.config.run_test:
-        results = trainer.test(model, datamodule=data, ckpt_path=None, verbose=False)[0]
-    return write_run_outputs(cli, results, seconds)
+        results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=None, verbose=False)[0]
+    return results, seconds
 
 
 def is_detection_config(args: list[str]) -> bool:

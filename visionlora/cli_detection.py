@@ -9,13 +9,9 @@ results table gives COCO mAP (IoU 0.50:0.95), mAP@50 and mAP@75 on the test spli
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-
-from visionlora.cli import VisionLoraCLI
+from visionlora.cli import VisionLoraCLI, build_cli, fit_and_test
 from visionlora.data import CocoDetectionDataModule
 from visionlora.lora import lora_state, save_adapter
 from visionlora.reporting import format_table, plot_training_curves
@@ -40,18 +36,8 @@ class DetectionCLI(VisionLoraCLI):
 
 def main(args: list[str] | None = None) -> dict:
     """Parse, fit, test and write the run directory of a detection config; returns the results row."""
-    cli = DetectionCLI(LoraDetector, CocoDetectionDataModule, run=False, seed_everything_default=0, args=args,
-                       save_config_kwargs={"overwrite": True},
-                       trainer_defaults={"logger": False, "callbacks": [ModelCheckpoint(save_last=True)]})
-    model, data, trainer, run_dir = cli.model, cli.datamodule, cli.trainer, cli.run_dir
-    trainer.logger = CSVLogger(save_dir=str(run_dir), name="", version="")
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=data, ckpt_path=cli.resume_from)
-    seconds = time.perf_counter() - started
-    results = {}
-    if cli.config.run_test:
-        results = trainer.test(model, datamodule=data, ckpt_path=None, verbose=False)[0]
-    return write_detection_outputs(cli, results, seconds)
+    cli = build_cli(DetectionCLI, LoraDetector, CocoDetectionDataModule, args)
+    return write_detection_outputs(cli, *fit_and_test(cli))
 
 
 def write_detection_outputs(cli: DetectionCLI, results: dict, seconds: float) -> dict:

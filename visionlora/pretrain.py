@@ -27,7 +27,7 @@ def export_pretrained(cli, row: dict, export_dir: Path) -> Path:
     data_config = {"input_size": (3, size, size), "mean": prep["mean"], "std": prep["std"],
                    "crop_pct": prep["crop_pct"], "interpolation": prep["interpolation"]}
     save_backbone(model.model, export_dir, data_config=data_config, label_names=data.class_names)
-    digest = hashlib.sha256((export_dir / "model.safetensors").read_bytes()).hexdigest()
+    digest = sha256_of(export_dir / "model.safetensors")
     card = MODEL_CARD.format(
         name=export_dir.name,
         architecture=model.hparams.backbone,
