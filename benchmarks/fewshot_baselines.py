@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from visionlora.cli import main as train_main
 from visionlora.data import FewShotDataModule
-from visionlora.reporting import format_table
+from visionlora.reporting import format_table, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -88,16 +87,8 @@ def main() -> None:
     table = format_table(rows)
     print(table)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write(out.with_suffix(".json"), json.dumps({"cells": cells, "summary": rows}, indent=2, default=float))
-    _write(out.with_suffix(".md"), table + "\n")
-
-
-def _write(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent)
-    os.close(handle)
-    Path(temporary).write_text(text)
-    os.replace(temporary, path)
+    write_text_atomic(out.with_suffix(".json"), json.dumps({"cells": cells, "summary": rows}, indent=2, default=float))
+    write_text_atomic(out.with_suffix(".md"), table + "\n")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import tempfile
 from pathlib import Path
 
 from visionlora.cli import main as train_main
-from visionlora.reporting import format_table
+from visionlora.reporting import format_table, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "detection" / "default.yaml"
@@ -82,17 +81,10 @@ def main() -> None:
     table = format_table(rows)
     print(table)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     config = {"config": str(DEFAULT_CONFIG.relative_to(ROOT)), "overrides": args.overrides, "methods": METHODS}
-    _write(out.with_suffix(".json"), json.dumps({**config, "cells": cells, "summary": rows}, indent=2, default=float))
-    _write(out.with_suffix(".md"), table + "\n")
-
-
-def _write(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent)
-    os.close(handle)
-    Path(temporary).write_text(text)
-    os.replace(temporary, path)
+    summary = {**config, "cells": cells, "summary": rows}
+    write_text_atomic(out.with_suffix(".json"), json.dumps(summary, indent=2, default=float))
+    write_text_atomic(out.with_suffix(".md"), table + "\n")
 
 
 if __name__ == "__main__":

@@ -91,15 +91,31 @@ def _cell(value) -> str:
 
 def save_figure(figure, out_png: str | Path) -> Path:
     """Write ``figure`` as a PNG atomically (temporary file, then rename) and close it."""
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(dir=out_png.parent, suffix=".png")
+    try:
+        return atomic_write(out_png, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    finally:
+        plt.close(figure)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a reader sees the old file or the whole new one, never a part."""
+    return atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(temporary_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, out_png)
-    return out_png
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def plot_rank_spectra(report: RankReport, out_png: str | Path) -> Path:
