@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import timm
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 NUM_CLASSES = 5
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 # The test tensors are tiny: a second intra-op thread buys nothing, and when the CPUs are shared (CI, other jobs)
 # OpenMP threads spinning against each other made this suite 5-10x slower. One thread keeps it fast and steady.
@@ -97,3 +100,11 @@ def randomize_lora(model: nn.Module, std: float = 0.05, seed: int = 3) -> None:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (the tools are scripts, not a package), so tests call its ``main``."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """tools/export_merged.py, visionlora.export: merged folders plain timm loads, checked, atomic, refusing bad input."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -35,14 +35,7 @@ FAMILIES = {
 }
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("export_merged_tool", ROOT / "tools" / "export_merged.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _load_tool()
+TOOL = load_tool("export_merged")
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -1,6 +1,5 @@
 """Detector export (tools/export_merged.py): merged folders load without LoRA, are checked, atomic, refuse bad input."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 from safetensors.torch import load_file, save_file
 
 from visionlora.cli import main as train_main
@@ -20,14 +20,7 @@ from visionlora.models.detection import load_merged_detector
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("export_merged_tool", ROOT / "tools" / "export_merged.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _load_tool()
+TOOL = load_tool("export_merged")
 
 
 @pytest.fixture(scope="module")

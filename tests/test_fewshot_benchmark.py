@@ -1,12 +1,12 @@
 """tools/fewshot_benchmark.py and visionlora.benchmark: methods, protocols, exact baselines, statistics, resume."""
 
-import importlib.util
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_tool
 
 import visionlora.benchmark.sweep as sweep_module
 from visionlora.benchmark import (
@@ -31,13 +31,6 @@ OMNIGLOT = ROOT.parent / "shared" / "datasets" / "omniglot"
 RESNET = Backbone("test_resnet", pretrained_file="local-dir:" + str(ROOT / "data" / "weights" / "resnet_digits"))
 PREP = {"image_size": 24, "mean": (0.3,) * 3, "std": (0.4,) * 3, "crop_pct": 1.0, "crop_scale": (0.85, 1.0),
         "hflip": False}
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("fewshot_benchmark_tool", ROOT / "tools" / "fewshot_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _digits_cell(shots: int = 2) -> CellData:
@@ -196,14 +189,15 @@ def test_results_log_ignores_a_cut_line_and_rejects_other_csv(tmp_path):
 
 def test_cli_rejects_unknown_config_field(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("name: x\nshotz: [1]\n")
-    assert _tool().main(["--config", str(tmp_path / "bad.yaml")]) == 2
+    assert load_tool("fewshot_benchmark").main(["--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown field(s) ['shotz']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs" / "benchmark").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_benchmark_configs_parse(config):
-    args = _tool().parse_args(["--config", str(config)])
-    parsed = _tool().load_config(args)
+    tool = load_tool("fewshot_benchmark")
+    args = tool.parse_args(["--config", str(config)])
+    parsed = tool.load_config(args)
     assert parsed.methods and all(parse_method(m) for m in parsed.methods)
 
 

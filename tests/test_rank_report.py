@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import create_model, randomize_lora
+from conftest import create_model, load_tool, randomize_lora
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -25,15 +23,6 @@ from visionlora.lora.rank import (
     suggest_rank,
 )
 from visionlora.reporting import plot_rank_spectra
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "rank_report.py"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("rank_report_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -160,7 +149,7 @@ def test_cli_on_a_run_directory_matches_the_in_memory_report(tmp_path, capsys):
     model = _adapted("test_vit", targets=["attn-qv", r"blocks\.\d+\.mlp\.fc1"], rank_pattern={r"blocks\.0\..*": 8})
     run = tmp_path / "run"
     save_adapter(model, run / "adapter")
-    assert _tool().main([str(run)]) == 0
+    assert load_tool("rank_report").main([str(run)]) == 0
     report = rank_report(model)
     saved = json.loads((run / "rank_report.json").read_text())
     assert len(saved["rows"]) == 18 and saved["rows"][0]["path"] == "blocks.0.attn.qkv@q"
@@ -178,7 +167,8 @@ def test_cli_reads_a_peft_adapter_without_our_metadata(tmp_path):
     with safe_open(str(weights), framework="pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     save_file(tensors, str(weights), metadata={"format": "pt"})  # as PEFT writes it: no "visionlora" key
-    assert _tool().main([str(tmp_path / "adapter"), "--out", str(tmp_path / "out"), "--energies", "0.8"]) == 0
+    out = str(tmp_path / "out")
+    assert load_tool("rank_report").main([str(tmp_path / "adapter"), "--out", out, "--energies", "0.8"]) == 0
     saved = json.loads((tmp_path / "out" / "rank_report.json").read_text())
     _assert_rows_match(saved["rows"], rank_report(model, energies=(0.8,)))
     assert [r["rank"] for r in saved["rows"]][-3:] == [2, 2, 2]
@@ -186,7 +176,7 @@ def test_cli_reads_a_peft_adapter_without_our_metadata(tmp_path):
 
 
 def test_cli_errors_name_the_path_and_exit_2(tmp_path, capsys):
-    tool = _tool()
+    tool = load_tool("rank_report")
     missing = tmp_path / "nope"
     assert tool.main([str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
