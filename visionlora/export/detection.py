@@ -30,7 +30,7 @@ from visionlora.models.detection import (
     unload_detector_lora,
 )
 
-from .merged import DTYPES, REPORT_NAME, TOLERANCES, VerificationError, staged_folder
+from .merged import DTYPES, REPORT_NAME, VerificationError, checked_tolerance, staged_folder
 from .sources import ExportError, _load_trained_tensors, find_checkpoint, module_from_hparams, read_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -135,10 +135,7 @@ def export_merged_detector(source: DetectorSource, output: str | Path, dtype: st
         ExportError: Bad arguments or an existing output without ``force``.
         VerificationError: The written detector differs from the adapted one by more than the tolerance.
     """
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    output = Path(output)
-    tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
+    output, tolerance = Path(output), checked_tolerance(dtype, tolerance)
     with staged_folder(output, force) as staging:
         return _write_and_check(source, staging, output, dtype, tolerance)
 

@@ -81,12 +81,16 @@ def export_merged(source: ExportSource, output: str | Path, dtype: str = "fp32",
         ExportError: Bad arguments or an existing output without ``force``.
         VerificationError: The written model differs from the adapted one by more than the tolerance.
     """
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    output = Path(output)
-    tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
+    output, tolerance = Path(output), checked_tolerance(dtype, tolerance)
     with staged_folder(output, force) as staging:
         return _write_and_check(source, staging, output, dtype, tolerance, onnx, batch_size)
+
+
+def checked_tolerance(dtype: str, tolerance: float | None) -> float:
+    """The accepted relative difference for ``dtype`` (its default from :data:`TOLERANCES` unless given)."""
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return TOLERANCES[dtype] if tolerance is None else tolerance
 
 
 @contextmanager
