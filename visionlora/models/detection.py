@@ -220,8 +220,8 @@ def load_base_detector(detector: nn.Module, folder: str | Path, architecture: di
             raise ValueError(f"base detector {folder}: was built with {field}={base.get(field)!r}, this detector "
                              f"has {field}={architecture.get(field)!r}; set it to the base detector's value")
     state = load_file(str(folder / WEIGHTS_NAME))
-    fresh = [k for k in detector.state_dict() if any(k.startswith(p + ".") for p in class_predictor_paths(detector))]
     own = detector.state_dict()
+    fresh = [k for k in own if any(k.startswith(p + ".") for p in class_predictor_paths(detector))]
     # A base trained with live BatchNorm has counters that the frozen copies here do not keep.
     kept = {k: v.float() for k, v in state.items()
             if k not in fresh and not (k.endswith("num_batches_tracked") and k not in own)}
