@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from visionlora.lora.adapter import CONFIG_NAME, WEIGHTS_NAME
+from visionlora.lora.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from visionlora.lora.rank import rank_report_from_adapter
 from visionlora.reporting import plot_rank_spectra
 

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from visionlora.lora import LoraConfig, load_adapter
-from visionlora.lora.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from visionlora.lora.adapter_files import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from visionlora.lora.targets import find_head_path
 from visionlora.models import create_backbone
 

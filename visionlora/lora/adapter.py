@@ -11,25 +11,29 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from visionlora.files import atomic_write
+
+from .adapter_files import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    PREFIX,
+    WEIGHTS_NAME,
+    pattern_value,
+    read_adapter_config,
+    read_adapter_weights,
+)
 from .config import LoraConfig
 from .inject import attach, build_layers, lora_layers, lora_state
 from .peft_layout import from_peft, peft_rank, to_peft
 from .targets import LayerSpec, outermost
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-FORMAT_VERSION = 1
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -56,8 +60,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     peft_config = _peft_config(model, state, ranks, alphas)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(_contiguous(tensors), p, metadata=metadata))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2)))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(_contiguous(tensors), p, metadata=metadata))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2)))
     return directory
 
 
@@ -68,8 +72,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     Every tensor is checked before anything is changed; on error the model is exactly as it was.
     """
     directory = Path(directory)
-    peft_config = _read_json(directory / CONFIG_NAME)
-    tensors, metadata = _read_safetensors(directory / WEIGHTS_NAME)
+    peft_config = read_adapter_config(directory / CONFIG_NAME)
+    tensors, metadata = read_adapter_weights(directory / WEIGHTS_NAME)
     own = json.loads(metadata["visionlora"]) if metadata and "visionlora" in metadata else None
     specs = _own_specs(own) if own else _peft_specs(model, peft_config, tensors)
     existing = lora_layers(model)
@@ -181,7 +185,7 @@ def _peft_specs(model: nn.Module, config: dict, tensors: dict) -> list[LayerSpec
             raise ValueError(f"adapter targets {path!r}, which is {found} in this model, not a Linear or Conv2d")
         rank = tensors[key].shape[0] // (module.groups if isinstance(module, nn.Conv2d) else 1)
         peft_r = tensors[key].shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
+        alpha = pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
         scale = alpha / peft_r**0.5 if config.get("use_rslora") else alpha / peft_r
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         dora = f"{PREFIX}{path}.lora_magnitude_vector" in tensors
@@ -189,14 +193,6 @@ def _peft_specs(model: nn.Module, config: dict, tensors: dict) -> list[LayerSpec
     if not specs:
         raise ValueError("adapter holds no lora_A tensors")
     return specs
-
-
-def _pattern_value(patterns: dict, path: str, default):
-    """PEFT's rule: a pattern key applies when it matches a dotted suffix of the module path."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
 
 
 def _resolve_modules_to_save(model: nn.Module, config: dict) -> list[str]:
@@ -212,35 +208,5 @@ def _config_from_peft(config: dict, specs: list[LayerSpec]) -> LoraConfig:
                       use_rslora=bool(config.get("use_rslora", False)), split_qkv=False, train_head=False)
 
 
-def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        raise FileNotFoundError(f"adapter config not found: {file}")
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from None
-
-
-def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    if not file.is_file():
-        raise FileNotFoundError(f"adapter weights not found: {file}")
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
-
-
 def _contiguous(tensors: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
-
-def _atomic_write(target: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise

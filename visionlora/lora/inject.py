@@ -108,7 +108,7 @@ def attach(model: nn.Module, layers: dict[str, LoraLayer], config: LoraConfig, s
     the modules ``config.trainable`` matches.
     """
     for path, layer in layers.items():
-        _set_submodule(model, path, layer)
+        set_submodule(model, path, layer)
     if trainable is None:
         head = find_head_path(model) if config.train_head else None
         trainable = [p for p in [head, *find_trainable_paths(model, config.trainable)] if p]
@@ -156,7 +156,8 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, norm_types) or type(module).__name__.endswith("Norm")
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` of ``model`` (replacing what was there)."""
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, module)

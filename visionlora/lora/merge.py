@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .inject import STATE_ATTR, _set_submodule, lora_layers, lora_state
+from .inject import STATE_ATTR, lora_layers, lora_state, set_submodule
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -33,7 +33,7 @@ def unload_lora(model: nn.Module) -> nn.Module:
     """
     for path, layer in lora_layers(model).items():
         layer.merge()
-        _set_submodule(model, path, layer.base_layer)
+        set_submodule(model, path, layer.base_layer)
     state = lora_state(model)
     if state is not None:
         for hook in state.bn_hooks:

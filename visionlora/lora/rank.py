@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write, _pattern_value, _read_json, _read_safetensors
+from visionlora.files import write_text_atomic
+
+from .adapter_files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, pattern_value, read_adapter_config, read_adapter_weights
 from .conv import LoraConv2d
 from .inject import lora_layers
 from .linear import LoraFusedQKV
@@ -91,7 +93,7 @@ class RankReport:
 
     def write_json(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` to ``path`` (temporary file, then rename: never a partial file)."""
-        _atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False)))
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False))
         return Path(path)
 
 
@@ -130,8 +132,8 @@ def rank_report_from_adapter(directory: str | os.PathLike, energies: Sequence[fl
     """
     energies = _checked_energies(energies)
     directory = Path(directory)
-    config = _read_json(directory / CONFIG_NAME)
-    tensors, metadata = _read_safetensors(directory / WEIGHTS_NAME)
+    config = read_adapter_config(directory / CONFIG_NAME)
+    tensors, metadata = read_adapter_weights(directory / WEIGHTS_NAME)
     try:
         if metadata and "visionlora" in metadata:
             updates = [u for spec in json.loads(metadata["visionlora"])["layers"] for u in _own_updates(spec, tensors)]
@@ -222,7 +224,7 @@ def _peft_updates(config: dict, tensors: dict) -> list[tuple]:
     for key in sorted((k for k in tensors if k.endswith(".lora_A.weight")), key=_natural):
         path = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
         a, b = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
+        alpha = pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
         scale = alpha / a.shape[0] ** 0.5 if config.get("use_rslora") else alpha / a.shape[0]
         updates.append((path, "conv" if a.dim() == 4 else "linear", *_factors(a, b), scale))
     return updates
