@@ -20,7 +20,7 @@ from visionlora.data import FewShotDataset, eval_transform, train_transform
 from visionlora.data.datamodule import with_random_affine
 from visionlora.data.presets import seed_transform
 from visionlora.tasks import LoraClassifier
-from visionlora.tasks.classification import warmup_cosine
+from visionlora.tasks.optim import adamw_warmup_cosine
 
 from .methods import MethodSpec
 
@@ -113,9 +113,7 @@ def train_steps(module: LoraClassifier, spec: MethodSpec, data: CellData, prepro
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(budget.batch_size, len(data.train_labels))
     loader = _loader(data.train_images, data.train_labels, transform, batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.AdamW(module.parameter_groups())
-    warmup = int(budget.warmup_fraction * budget.steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, budget.steps))
+    optimizer, schedule = adamw_warmup_cosine(module.parameter_groups(), budget.steps, budget.warmup_fraction)
     # A linear probe keeps the frozen backbone in eval mode: BatchNorm statistics of 5 images would drift otherwise.
     module.train(spec.method != "linear")
     step = 0

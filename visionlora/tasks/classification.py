@@ -6,7 +6,6 @@ al. 2021 (arXiv:2106.09685); LoRA+ (Hayou et al. 2024, arXiv:2402.12354) gives B
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 
 import lightning as L
@@ -18,6 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from visionlora.lora import LoraConfig, inject_lora, lora_state
 from visionlora.lora.targets import find_head_path
 from visionlora.models import create_backbone
+
+from .optim import adamw_groups, lightning_optimizers, lora_factor_group
 
 METHODS = ("lora", "full", "linear")
 HEAD_INITS = ("prototypes", "random")
@@ -172,42 +173,18 @@ class LoraClassifier(L.LightningModule):
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        groups = self.parameter_groups()
-        optimizer = torch.optim.AdamW(groups)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_fraction * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return lightning_optimizers(self.parameter_groups(), self.trainer.estimated_stepping_batches,
+                                    self.hparams.warmup_fraction)
 
     def parameter_groups(self) -> list[dict]:
         """AdamW groups: LoRA A (and B, separately under LoRA+), fully trained modules, and backbone weights."""
-        h = self.hparams
-        head_lr = h.head_lr if h.head_lr is not None else h.lr
-        backbone_lr = h.backbone_lr if h.backbone_lr is not None else h.lr
         fully_trained = self._fully_trained_prefixes()
-        buckets: dict[str, list[nn.Parameter]] = {"lora_A": [], "lora_B": [], "head": [], "backbone": []}
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            leaf = name.rpartition(".")[2]
-            if leaf.startswith("lora_"):
-                buckets["lora_B" if "_B" in leaf else "lora_A"].append(param)
-            elif any(name.startswith(prefix) for prefix in fully_trained):
-                buckets["head"].append(param)
-            else:
-                buckets["backbone"].append(param)
-        b_lr = h.lr * (h.loraplus_lr_ratio or 1.0)
-        settings = {
-            "lora_A": (h.lr, h.lora_weight_decay),
-            "lora_B": (b_lr, h.lora_weight_decay),
-            "head": (head_lr, h.head_weight_decay),
-            "backbone": (backbone_lr, h.backbone_weight_decay),
-        }
-        return [
-            {"params": params, "lr": settings[name][0], "weight_decay": settings[name][1], "name": name}
-            for name, params in buckets.items()
-            if params
-        ]
+
+        def group(name: str) -> str:
+            return lora_factor_group(name) or ("head" if name.startswith(tuple(fully_trained)) else "backbone")
+
+        trained = [(n, group(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return adamw_groups(trained, self.hparams)
 
     def _fully_trained_prefixes(self) -> list[str]:
         state = lora_state(self.model)
@@ -239,11 +216,3 @@ def prototype_scale(means: torch.Tensor, margin: float | None) -> float:
         return 1.0
     mean_margin = 0.5 * torch.cdist(means, means).pow(2).sum().item() / (count * (count - 1))
     return margin / mean_margin if mean_margin > 0 else 1.0
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

@@ -27,7 +27,7 @@ from visionlora.models.detection import (
     resolve_backbone,
 )
 
-from .classification import warmup_cosine
+from .optim import adamw_groups, lightning_optimizers, lora_factor_group
 
 # The hyperparameters that describe the detector's architecture: enough to rebuild it (see detector_from_hparams).
 DETECTOR_KWARGS = ("backbone", "num_classes", "detector", "pretrained", "pretrained_file", "model_args",
@@ -158,39 +158,18 @@ class LoraDetector(L.LightningModule):
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameter_groups())
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_fraction * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return lightning_optimizers(self.parameter_groups(), self.trainer.estimated_stepping_batches,
+                                    self.hparams.warmup_fraction)
 
     def parameter_groups(self) -> list[dict]:
         """AdamW groups: LoRA A (and B, separately under LoRA+), backbone weights (``full``), and the rest."""
-        h = self.hparams
-        buckets: dict[str, list[nn.Parameter]] = {"lora_A": [], "lora_B": [], "head": [], "backbone": []}
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                buckets[self._bucket(name)].append(param)
-        settings = {
-            "lora_A": (h.lr, h.lora_weight_decay),
-            "lora_B": (h.lr * (h.loraplus_lr_ratio or 1.0), h.lora_weight_decay),
-            "head": (h.head_lr if h.head_lr is not None else h.lr, h.head_weight_decay),
-            "backbone": (h.backbone_lr if h.backbone_lr is not None else h.lr, h.backbone_weight_decay),
-        }
-        return [
-            {"params": params, "lr": settings[name][0], "weight_decay": settings[name][1], "name": name}
-            for name, params in buckets.items()
-            if params
-        ]
+        trained = [(n, self._group(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return adamw_groups(trained, self.hparams)
 
-    def _bucket(self, name: str) -> str:
-        leaf = name.rpartition(".")[2]
-        if leaf.startswith("lora_"):
-            return "lora_B" if "_B" in leaf else "lora_A"
+    def _group(self, name: str) -> str:
         # Under LoRA, backbone weights that still train are modules the config asked to train fully: head rate.
-        if name.startswith("backbone.body.") and self.hparams.method == "full":
-            return "backbone"
-        return "head"
+        in_backbone = name.startswith("backbone.body.") and self.hparams.method == "full"
+        return lora_factor_group(name) or ("backbone" if in_backbone else "head")
 
     # ----- small checkpoints --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
