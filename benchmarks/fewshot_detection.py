@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 from visionlora.cli import main as train_main
-from visionlora.reporting import format_table, write_text_atomic
+from visionlora.files import write_text_atomic
+from visionlora.reporting import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "detection" / "default.yaml"

@@ -7,8 +7,9 @@ from test_detection_model import NUM_CLASSES, SMALL, _loader, make_batch
 
 from visionlora.export.detection import DetectorSource, export_merged_detector
 from visionlora.lora import LoraConfig
-from visionlora.models.detection import create_detector, load_base_detector, unload_detector_lora
-from visionlora.tasks.detection import DETECTOR_KWARGS, LoraDetector
+from visionlora.models.detection import DETECTOR_KWARGS, create_detector, unload_detector_lora
+from visionlora.models.detector_folder import load_base_detector
+from visionlora.tasks.detection import LoraDetector
 
 BASE_CLASSES = 2
 # Not the backbone's default normalisation, so taking the base detector's is visible.

@@ -9,16 +9,17 @@ import pytest
 import torch
 import yaml
 
-from visionlora.cli import is_detection_config
 from visionlora.cli import main as train_main
-from visionlora.cli_detection import DetectionCLI
+from visionlora.cli import task_of
+from visionlora.cli.detection import DetectionCLI
 from visionlora.data import CocoDetectionDataModule, generate_scenes
 from visionlora.tasks import LoraDetector
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "configs" / "detection" / "default.yaml"
 BUNDLED = "local-dir:" + str(ROOT / "data" / "weights" / "resnet_shapes")
-DETECTION_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if is_detection_config(["--config", str(p)]))
+DETECTION_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
+                           if task_of(["--config", str(p)]) == "detection")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true"]
 
@@ -40,16 +41,16 @@ def tiny(scenes: Path) -> list[str]:
 
 
 def test_dispatch_reads_the_model_section_of_the_config(tmp_path):
-    assert is_detection_config(["--config", str(DEFAULT)])
-    assert is_detection_config([f"--config={DEFAULT}"])
-    assert is_detection_config(["--model.detector", "retinanet"])
-    assert not is_detection_config(["--config", str(ROOT / "configs" / "default.yaml")])
-    assert not is_detection_config([])
+    assert task_of(["--config", str(DEFAULT)]) == "detection"
+    assert task_of([f"--config={DEFAULT}"]) == "detection"
+    assert task_of(["--model.detector", "retinanet"]) == "detection"
+    assert not task_of(["--config", str(ROOT / "configs" / "default.yaml")]) == "detection"
+    assert not task_of([]) == "detection"
     nested = tmp_path / "nested.yaml"
     nested.write_text(yaml.safe_dump({"model": {"class_path": "x", "init_args": {"detector": "fcos"}}}))
-    assert is_detection_config(["--config", str(nested)])
+    assert task_of(["--config", str(nested)]) == "detection"
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
-        is_detection_config(["--config", str(tmp_path / "missing.yaml")])
+        task_of(["--config", str(tmp_path / "missing.yaml")])
 
 
 def test_shipped_detection_configs_are_found():

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from visionlora.lora import LoraConfig, merge_lora
-from visionlora.models.detection import apply_detector_lora, create_detector, unload_detector_lora
-from visionlora.tasks.detection import LoraDetector, detector_from_hparams
+from visionlora.models.detection import create_detector, unload_detector_lora
+from visionlora.tasks.detection import LoraDetector, apply_detector_lora, detector_from_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3

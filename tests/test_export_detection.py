@@ -15,7 +15,7 @@ from visionlora.data import generate_scenes
 from visionlora.export import ExportError, detector_source_from_path, export_merged_detector, source_from_path
 from visionlora.export.detection import raw_outputs
 from visionlora.lora import lora_layers
-from visionlora.models.detection import load_merged_detector
+from visionlora.models import load_merged_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_export_round_trip_in_a_fresh_process(run_dir, tmp_path):
     script = f"""
 import torch
 from safetensors.torch import load_file
-from visionlora.models.detection import load_merged_detector
+from visionlora.models import load_merged_detector
 data = load_file({str(tmp_path / "check.safetensors")!r})
 model = load_merged_detector({str(out)!r})
 assert not any("lora" in name for name, _ in model.named_parameters())

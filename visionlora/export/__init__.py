@@ -17,7 +17,7 @@ from .merged import (
     compare_outputs,
     export_merged,
     merged_copy,
-    staged_folder,
+    staged_export,
 )
 from .sources import ExportError, ExportSource, source_from_adapter, source_from_path
 
@@ -39,5 +39,5 @@ __all__ = [
     "merged_copy",
     "source_from_adapter",
     "source_from_path",
-    "staged_folder",
+    "staged_export",
 ]

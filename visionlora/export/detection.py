@@ -1,11 +1,11 @@
 """Merged export of a LoRA detector: LoRA folded into the backbone (W ← W + scale·B·A, Hu et al. 2021,
-arXiv:2106.09685), written as a folder that :func:`~visionlora.models.detection.load_merged_detector` rebuilds with
+arXiv:2106.09685), written as a folder that :func:`~visionlora.models.load_merged_detector` rebuilds with
 ``create_detector`` and plain ``load_state_dict(strict=True)``, checked at every export.
 
 The folder (``config.json`` with the ``create_detector`` arguments, class names and image size, plus
 ``model.safetensors``) is written to a temporary sibling, loaded back without LoRA, compared with the adapted
 detector on real evaluation images and only then renamed into place (see :func:`~visionlora.export.merged.
-staged_folder`). The comparison uses the raw network outputs before any score threshold or NMS (FPN maps, head
+staged_export`). The comparison uses the raw network outputs before any score threshold or NMS (FPN maps, head
 logits and box regressions, Faster R-CNN's RPN and box-head outputs on fixed boxes): rounding can reorder two
 nearly equal scores and flip an NMS decision, which says nothing about whether the weights are right.
 """
@@ -18,19 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 
-from visionlora.models.detection import (
-    CONFIG_NAME,
-    FORMAT_VERSION,
-    WEIGHTS_NAME,
-    load_merged_detector,
-    unload_detector_lora,
-)
+from visionlora.models.detection import detector_config, unload_detector_lora
+from visionlora.models.detector_folder import load_merged_detector, write_detector_folder
 
-from .merged import DTYPES, REPORT_NAME, VerificationError, checked_tolerance, staged_folder
+from .merged import DTYPES, REPORT_NAME, VerificationError, checked_tolerance, staged_export
 from .sources import ExportError, _load_trained_tensors, find_checkpoint, module_from_hparams, read_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -85,7 +79,7 @@ class DetectorExportReport:
             f"check of raw outputs (FPN maps, head outputs; before NMS) on {self.inputs}: max |diff| "
             f"{self.max_abs_diff:.3g}, relative {self.max_rel_diff:.3g} (tolerance {self.tolerance:g})",
             "load it without LoRA code:",
-            f'  from visionlora.models.detection import load_merged_detector; load_merged_detector("{self.output}")',
+            f'  from visionlora.models import load_merged_detector; load_merged_detector("{self.output}")',
         ])
 
 
@@ -115,9 +109,7 @@ def detector_source_from_path(path: str | Path, num_classes: int | None = None, 
                           f"but {num_classes} were asked for")
     module = _detector_module(hparams, checkpoint)
     _load_trained_tensors(module, saved["state_dict"], checkpoint)
-    from visionlora.tasks.detection import DETECTOR_KWARGS
-
-    config = {k: module.hparams[k] for k in DETECTOR_KWARGS} | {"pretrained": False, "pretrained_file": None}
+    config = detector_config(module.hparams, weightless=True)
     names, size, images = _run_data(saved.get("datamodule_hyper_parameters"), sample_size)
     return DetectorSource(module.model.eval(), config, names, size, images, str(checkpoint))
 
@@ -136,7 +128,7 @@ def export_merged_detector(source: DetectorSource, output: str | Path, dtype: st
         VerificationError: The written detector differs from the adapted one by more than the tolerance.
     """
     output, tolerance = Path(output), checked_tolerance(dtype, tolerance)
-    with staged_folder(output, force) as staging:
+    with staged_export(output, force) as staging:
         return _write_and_check(source, staging, output, dtype, tolerance)
 
 
@@ -144,10 +136,7 @@ def _write_and_check(source: DetectorSource, folder: Path, output: Path, dtype: 
                      tolerance: float) -> DetectorExportReport:
     plain = merged_detector_copy(source.model)
     state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in plain.state_dict().items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS_NAME))
-    config = {"format_version": FORMAT_VERSION, "dtype": dtype, "class_names": source.class_names,
-              "image_size": source.image_size, "create_detector": source.config}
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    write_detector_folder(folder, state, source.config, source.class_names, source.image_size, dtype)
     try:
         loaded = load_merged_detector(folder)
     except (RuntimeError, TypeError, ValueError) as error:  # strict load_state_dict: keys or shapes differ

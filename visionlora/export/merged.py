@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -21,6 +18,7 @@ import timm
 import torch
 from torch import nn
 
+from visionlora.files import staged_folder
 from visionlora.lora import unload_lora
 from visionlora.models import save_backbone
 
@@ -82,7 +80,7 @@ def export_merged(source: ExportSource, output: str | Path, dtype: str = "fp32",
         VerificationError: The written model differs from the adapted one by more than the tolerance.
     """
     output, tolerance = Path(output), checked_tolerance(dtype, tolerance)
-    with staged_folder(output, force) as staging:
+    with staged_export(output, force) as staging:
         return _write_and_check(source, staging, output, dtype, tolerance, onnx, batch_size)
 
 
@@ -94,21 +92,13 @@ def checked_tolerance(dtype: str, tolerance: float | None) -> float:
 
 
 @contextmanager
-def staged_folder(output: Path, force: bool) -> Iterator[Path]:
-    """A temporary sibling of ``output`` to write into, moved to ``output`` only if the block finishes.
-
-    An exception inside the block (a failed check, a crash) removes the staging folder and leaves ``output`` as it
-    was; an existing ``output`` is an :class:`ExportError` unless ``force``.
-    """
+def staged_export(output: Path, force: bool) -> Iterator[Path]:
+    """:func:`visionlora.files.staged_folder` for an export: an existing ``output`` is an :class:`ExportError`
+    (before any work) unless ``force``, and then it is replaced only once the new folder passed its check."""
     if output.exists() and not force:
         raise ExportError(f"{output} exists; pass force=True (--force) to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output, replace=force) as staging:
         yield staging
-        _publish(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def merged_copy(model: nn.Module, dtype: str = "fp32") -> nn.Module:
@@ -183,19 +173,3 @@ def _check_images(source: ExportSource, batch_size: int) -> tuple[torch.Tensor, 
     size = tuple(source.data_config.get("input_size", (3, 224, 224)))
     generator = torch.Generator().manual_seed(0)
     return torch.randn(batch_size, *size, generator=generator), f"{batch_size} random inputs of {size}"
-
-
-def _publish(staging: Path, output: Path) -> None:
-    """Move the checked folder into place; an existing output (``force``) is replaced only once that succeeds."""
-    if not output.exists():
-        os.replace(staging, output)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-    os.replace(output, retired / output.name)
-    try:
-        os.replace(staging, output)
-    except OSError:
-        os.replace(retired / output.name, output)
-        raise
-    finally:
-        shutil.rmtree(retired, ignore_errors=True)

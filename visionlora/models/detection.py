@@ -11,16 +11,12 @@ only), ``backbone.fpn``, then the detector's own ``head`` (FCOS, RetinaNet) or `
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
 from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Format, freeze_batch_norm_2d
 from torch import nn
@@ -29,19 +25,17 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from visionlora.lora import LoraConfig, inject_lora, lora_state, unload_lora
+from visionlora.lora import lora_state, unload_lora
 
 from .backbone import LOCAL_DIR, create_backbone
 
 DETECTORS = ("fcos", "retinanet", "faster_rcnn")
-ADAPT_SCOPES = ("backbone", "backbone+fpn", "all")
-METHODS = ("lora", "frozen", "predictor", "full")
 # FCOS's head normalises with GroupNorm(32, channels).
 FCOS_GROUPS = 32
-# A merged detector folder (visionlora.export.detection): create_detector arguments + weights.
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+# create_detector's arguments as LoraDetector's hyperparameters of the same names: enough to rebuild the detector.
+DETECTOR_KWARGS = ("backbone", "num_classes", "detector", "pretrained", "pretrained_file", "model_args",
+                   "out_indices", "fpn_channels", "min_size", "max_size", "anchor_scale", "image_mean", "image_std",
+                   "detector_args", "freeze_bn")
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -168,87 +162,17 @@ def create_detector(backbone: str, num_classes: int, detector: str = "fcos", pre
     return model
 
 
-def load_merged_detector(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """A detector exported by ``tools/export_merged.py``, in eval mode.
-
-    Needs no LoRA code: ``create_detector(**config["create_detector"])`` builds the plain architecture and
-    ``load_state_dict(strict=True)`` fills it. ``config.json`` also holds ``class_names`` (label ``i + 1`` is
-    ``class_names[i]``) and ``image_size``; feed float ``[3, H, W]`` images in 0..1, as a list.
+def detector_config(hparams, weightless: bool = False) -> dict:
+    """:func:`create_detector`'s keyword arguments from hyperparameters of the same names (a ``LoraDetector``'s).
 
     Args:
-        folder: The exported folder (``config.json`` + ``model.safetensors``).
-        dtype: Cast the weights to this dtype; default: as written. torchvision's NMS has no CPU kernel for
-            float16/bfloat16, so a half-precision export runs whole on a GPU, or on a CPU after ``torch.float32``.
+        hparams: A mapping with (some of) :data:`DETECTOR_KWARGS`; one a checkpoint from before an argument existed
+            lacks is left to create_detector's default, which is what that detector was built with.
+        weightless: Build without loading pretrained weights (``pretrained=False``, ``pretrained_file=None``):
+            the weights come from a checkpoint or a folder instead.
     """
-    folder = Path(folder)
-    config = read_detector_config(folder)
-    model = create_detector(**dict(config["create_detector"], pretrained=False, pretrained_file=None))
-    state = load_file(str(folder / WEIGHTS_NAME))
-    written = next(v.dtype for v in state.values() if v.is_floating_point())
-    model.to(written).load_state_dict(state, strict=True)
-    return model.to(dtype or written).eval()
-
-
-# What a base detector must share with the detector it initialises (num_classes, sizes and thresholds may differ).
-BASE_ARCHITECTURE_FIELDS = ("backbone", "detector", "model_args", "out_indices", "fpn_channels", "anchor_scale")
-
-
-def load_base_detector(detector: nn.Module, folder: str | Path, architecture: dict) -> list[str]:
-    """Initialise ``detector`` from a detector trained on other classes, except its per-class predictors.
-
-    TFA's fine-tuning stage (Wang et al. 2020, "Frustratingly Simple Few-Shot Object Detection", arXiv:2003.06957):
-    the backbone, FPN and box head of a detector trained on plentiful *base* classes start the few-shot *novel*
-    detector, whose class predictor starts anew (torchvision's initialisation) because its classes are new.
-
-    Args:
-        detector: A fresh :func:`create_detector` model for the novel classes.
-        folder: A merged detector folder (``config.json`` + ``model.safetensors``, as ``tools/export_merged.py``
-            and ``tools/pretrain.py`` write them).
-        architecture: ``detector``'s :func:`create_detector` arguments; those in :data:`BASE_ARCHITECTURE_FIELDS`
-            must equal the base detector's, or its weights would not fit.
-
-    Returns:
-        The state_dict keys left at their fresh initialisation (the class predictor's).
-    """
-    folder = Path(folder)
-    config = read_detector_config(folder)
-    # An argument a config leaves out had create_detector's default when that detector was built.
-    defaults = {k: v.default for k, v in inspect.signature(create_detector).parameters.items()}
-    base, architecture = defaults | config["create_detector"], defaults | architecture
-    for field in BASE_ARCHITECTURE_FIELDS:
-        if _comparable(base.get(field)) != _comparable(architecture.get(field)):
-            raise ValueError(f"base detector {folder}: was built with {field}={base.get(field)!r}, this detector "
-                             f"has {field}={architecture.get(field)!r}; set it to the base detector's value")
-    state = load_file(str(folder / WEIGHTS_NAME))
-    own = detector.state_dict()
-    fresh = [k for k in own if any(k.startswith(p + ".") for p in class_predictor_paths(detector))]
-    # A base trained with live BatchNorm has counters that the frozen copies here do not keep.
-    kept = {k: v.float() for k, v in state.items()
-            if k not in fresh and not (k.endswith("num_batches_tracked") and k not in own)}
-    missing, unexpected = detector.load_state_dict(kept, strict=False)
-    if set(missing) != set(fresh) or unexpected:
-        raise ValueError(f"base detector {folder / WEIGHTS_NAME}: its tensors do not fit this detector "
-                         f"(missing {sorted(set(missing) - set(fresh))[:3]}, unexpected {unexpected[:3]})")
-    return fresh
-
-
-def _comparable(value):
-    """A config value as JSON gives it back: tuples are lists, and no ``model_args`` is the same as empty ones."""
-    if value in ({}, None):
-        return None
-    return list(value) if isinstance(value, tuple) else value
-
-
-def read_detector_config(folder: Path) -> dict:
-    """The ``config.json`` of a merged detector folder, checked for its files and format version."""
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not a detector folder: it has no {name}")
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    if config.get("format_version") != FORMAT_VERSION or "create_detector" not in config:
-        raise ValueError(f"{folder / CONFIG_NAME} is not a merged detector config "
-                         f"(format_version {FORMAT_VERSION} with create_detector arguments)")
-    return config
+    config = {k: hparams[k] for k in DETECTOR_KWARGS if k in hparams}
+    return config | {"pretrained": False, "pretrained_file": None} if weightless else config
 
 
 def build_detector(detector: str, neck: TimmFPN, num_classes: int, anchor_scale: float, kwargs: dict) -> nn.Module:
@@ -323,7 +247,7 @@ def _extra_levels(extra_blocks: nn.Module) -> int:
     return 2 if isinstance(extra_blocks, LastLevelP6P7) else 1
 
 
-# ----- training methods and LoRA ------------------------------------------------------------------------------
+# ----- LoRA on the architecture -------------------------------------------------------------------------------
 def class_predictor_paths(detector: nn.Module) -> list[str]:
     """Paths of the layers whose outputs are per class: new for every class set, so always trained fully."""
     if isinstance(detector, FasterRCNN):
@@ -331,62 +255,8 @@ def class_predictor_paths(detector: nn.Module) -> list[str]:
     return ["head.classification_head.cls_logits"]
 
 
-def default_lora_targets(detector: nn.Module) -> list[str]:
-    """``attn`` for backbones with attention blocks, else ``conv`` (every Conv2d of the backbone)."""
-    has_attention = any(re.fullmatch(r"(.*\.)?attn", path) for path, _ in detector.backbone.body.named_modules())
-    return ["attn"] if has_attention else ["conv"]
-
-
-def apply_detector_lora(detector: nn.Module, lora: LoraConfig, adapt: str = "backbone") -> nn.Module:
-    """Inject LoRA into part of a detector from :func:`create_detector`, in place.
-
-    Everything inside the adapted part is frozen except LoRA, ``lora.trainable`` and the parts that have no
-    pretrained weights to adapt (a ViT's simple pyramid, the per-class predictors); everything outside keeps
-    training fully.
-
-    Args:
-        detector: A detector from :func:`create_detector`.
-        lora: What to adapt; ``targets`` and ``trainable`` regexes match module paths relative to the adapted part.
-        adapt: ``backbone`` (``detector.backbone.body``: FPN and head train fully), ``backbone+fpn``
-            (``detector.backbone``: the head trains fully) or ``all`` (the detector: only LoRA and the per-class
-            predictors train, for a detector pretrained on other classes).
-
-    Returns:
-        The module LoRA was injected into (it holds the :func:`~visionlora.lora.lora_state`).
-    """
-    if adapt not in ADAPT_SCOPES:
-        raise ValueError(f"adapt must be one of {ADAPT_SCOPES}, got {adapt!r}")
-    root = {"backbone": detector.backbone.body, "backbone+fpn": detector.backbone, "all": detector}[adapt]
-    prefix = {"backbone": "backbone.body.", "backbone+fpn": "backbone.", "all": ""}[adapt]
-    untrained = ["backbone.pyramid", *class_predictor_paths(detector)]
-    paths = dict(detector.named_modules())
-    keep = [re.escape(p.removeprefix(prefix)) for p in untrained if p.startswith(prefix) and p in paths]
-    inject_lora(root, replace(lora, trainable=[*lora.trainable, *keep]))
-    return root
-
-
 def unload_detector_lora(detector: nn.Module) -> nn.Module:
     """Merge every LoRA update and remove the wrappers: the state_dict of a plain :func:`create_detector` model."""
     for root in [m for m in detector.modules() if lora_state(m) is not None]:
         unload_lora(root)
     return detector
-
-
-def freeze_for_method(detector: nn.Module, method: str, lora: LoraConfig | None = None,
-                      adapt: str = "backbone") -> None:
-    """How much of ``detector`` trains.
-
-    ``lora``: :func:`apply_detector_lora`; ``frozen``: the backbone body is frozen, the FPN and head train;
-    ``predictor``: only the per-class predictor trains (TFA's last-layer fine-tuning of a base detector, Wang et al.
-    2020, arXiv:2003.06957); ``full``: everything trains.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "lora":
-        apply_detector_lora(detector, lora or LoraConfig(targets=default_lora_targets(detector)), adapt)
-    elif method == "frozen":
-        detector.backbone.body.requires_grad_(False)
-    elif method == "predictor":
-        detector.requires_grad_(False)
-        for path in class_predictor_paths(detector):
-            detector.get_submodule(path).requires_grad_(True)

@@ -8,7 +8,8 @@ LoRA+ (Hayou et al. 2024, arXiv:2402.12354) gives B a larger learning rate.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import re
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
@@ -16,23 +17,14 @@ import torch
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
-from visionlora.lora import LoraConfig
-from visionlora.models.detection import (
-    METHODS,
-    create_detector,
-    default_lora_targets,
-    freeze_for_method,
-    load_base_detector,
-    read_detector_config,
-    resolve_backbone,
-)
+from visionlora.lora import LoraConfig, inject_lora
+from visionlora.models.detection import class_predictor_paths, create_detector, detector_config, resolve_backbone
+from visionlora.models.detector_folder import load_base_detector, read_detector_config
 
 from .optim import adamw_groups, lightning_optimizers, lora_factor_group
 
-# The hyperparameters that describe the detector's architecture: enough to rebuild it (see detector_from_hparams).
-DETECTOR_KWARGS = ("backbone", "num_classes", "detector", "pretrained", "pretrained_file", "model_args",
-                   "out_indices", "fpn_channels", "min_size", "max_size", "anchor_scale", "image_mean", "image_std",
-                   "detector_args", "freeze_bn")
+ADAPT_SCOPES = ("backbone", "backbone+fpn", "all")
+METHODS = ("lora", "frozen", "predictor", "full")
 SUMMARY_METRICS = ("map", "map_50", "map_75")
 # Per-class APs stop being readable (and cheap to log) beyond this many classes.
 MAX_CLASSES_PER_CLASS_LOG = 50
@@ -100,9 +92,9 @@ class LoraDetector(L.LightningModule):
             base_args = read_detector_config(Path(base_detector))["create_detector"]
             for key in ("image_mean", "image_std"):
                 self.hparams[key] = self.hparams[key] or base_args.get(key)
-        self.model = create_detector(**{k: self.hparams[k] for k in DETECTOR_KWARGS})
+        self.model = create_detector(**detector_config(self.hparams))
         if base_detector:
-            load_base_detector(self.model, base_detector, {k: self.hparams[k] for k in DETECTOR_KWARGS})
+            load_base_detector(self.model, base_detector, detector_config(self.hparams))
         # Record what the backbone's config chose, so the detector can be rebuilt without its weights.
         self.hparams["image_mean"] = list(self.model.transform.image_mean)
         self.hparams["image_std"] = list(self.model.transform.image_std)
@@ -198,6 +190,59 @@ def detector_from_hparams(hparams: dict) -> nn.Module:
     The state_dict of the trained detector after ``unload_detector_lora`` loads into it with ``strict=True``:
     this is how an export rebuilds the merged model without the backbone's pretrained weights at hand.
     """
-    # Checkpoints from before an argument existed lack it; create_detector's default is what they were built with.
-    kwargs = {k: hparams[k] for k in DETECTOR_KWARGS if k in hparams} | {"pretrained": False, "pretrained_file": None}
-    return create_detector(**kwargs)
+    return create_detector(**detector_config(hparams, weightless=True))
+
+
+# ----- training methods: how much of the detector trains ------------------------------------------------------
+def default_lora_targets(detector: nn.Module) -> list[str]:
+    """``attn`` for backbones with attention blocks, else ``conv`` (every Conv2d of the backbone)."""
+    has_attention = any(re.fullmatch(r"(.*\.)?attn", path) for path, _ in detector.backbone.body.named_modules())
+    return ["attn"] if has_attention else ["conv"]
+
+
+def apply_detector_lora(detector: nn.Module, lora: LoraConfig, adapt: str = "backbone") -> nn.Module:
+    """Inject LoRA into part of a detector from :func:`create_detector`, in place.
+
+    Everything inside the adapted part is frozen except LoRA, ``lora.trainable`` and the parts that have no
+    pretrained weights to adapt (a ViT's simple pyramid, the per-class predictors); everything outside keeps
+    training fully.
+
+    Args:
+        detector: A detector from :func:`create_detector`.
+        lora: What to adapt; ``targets`` and ``trainable`` regexes match module paths relative to the adapted part.
+        adapt: ``backbone`` (``detector.backbone.body``: FPN and head train fully), ``backbone+fpn``
+            (``detector.backbone``: the head trains fully) or ``all`` (the detector: only LoRA and the per-class
+            predictors train, for a detector pretrained on other classes).
+
+    Returns:
+        The module LoRA was injected into (it holds the :func:`~visionlora.lora.lora_state`).
+    """
+    if adapt not in ADAPT_SCOPES:
+        raise ValueError(f"adapt must be one of {ADAPT_SCOPES}, got {adapt!r}")
+    root = {"backbone": detector.backbone.body, "backbone+fpn": detector.backbone, "all": detector}[adapt]
+    prefix = {"backbone": "backbone.body.", "backbone+fpn": "backbone.", "all": ""}[adapt]
+    untrained = ["backbone.pyramid", *class_predictor_paths(detector)]
+    paths = dict(detector.named_modules())
+    keep = [re.escape(p.removeprefix(prefix)) for p in untrained if p.startswith(prefix) and p in paths]
+    inject_lora(root, replace(lora, trainable=[*lora.trainable, *keep]))
+    return root
+
+
+def freeze_for_method(detector: nn.Module, method: str, lora: LoraConfig | None = None,
+                      adapt: str = "backbone") -> None:
+    """How much of ``detector`` trains.
+
+    ``lora``: :func:`apply_detector_lora`; ``frozen``: the backbone body is frozen, the FPN and head train;
+    ``predictor``: only the per-class predictor trains (TFA's last-layer fine-tuning of a base detector, Wang et al.
+    2020, arXiv:2003.06957); ``full``: everything trains.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "lora":
+        apply_detector_lora(detector, lora or LoraConfig(targets=default_lora_targets(detector)), adapt)
+    elif method == "frozen":
+        detector.backbone.body.requires_grad_(False)
+    elif method == "predictor":
+        detector.requires_grad_(False)
+        for path in class_predictor_paths(detector):
+            detector.get_submodule(path).requires_grad_(True)

@@ -1,21 +1,24 @@
-"""The detection side of ``tools/train.py``: LightningCLI over LoraDetector + CocoDetectionDataModule.
+"""The detection side of ``tools/train.py`` and ``tools/pretrain.py``: LightningCLI over LoraDetector +
+CocoDetectionDataModule.
 
-``visionlora.cli.main`` comes here when the YAML's ``model:`` section describes a detector (it has a ``detector:``
-key). The run directory matches the classifier's: resolved config, metrics CSV, checkpoints, the backbone's LoRA
-adapter, a training-curve PNG (loss and validation mAP), ``fewshot_selection.json`` and ``results.json``; the
-results table gives COCO mAP (IoU 0.50:0.95), mAP@50 and mAP@75 on the test split.
+``visionlora.cli.main`` comes here when the parsed config's ``model:`` section describes a detector (it has a
+``detector:`` key). The run directory matches the classifier's (see :mod:`visionlora.cli.base`), with a
+training-curve PNG of loss and validation mAP and ``fewshot_selection.json``; the results table gives COCO mAP
+(IoU 0.50:0.95), mAP@50 and mAP@75 on the test split, and ``results.json`` also the AP per class.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from visionlora.cli import VisionLoraCLI, build_cli, fit_and_test
 from visionlora.data import CocoDetectionDataModule
+from visionlora.export.pretrained import export_pretrained_detector
+from visionlora.files import write_text_atomic
 from visionlora.lora import lora_state, save_adapter
-from visionlora.reporting import format_table, plot_training_curves
+from visionlora.models import detector_config
 from visionlora.tasks import LoraDetector
+
+from .base import VisionLoraCLI, build_cli, finish_run, fit_and_test, parameter_share, plot_run_curves, pretrain_command
 
 ADAPTER_README = """This adapter holds the LoRA of {scope} (PEFT layout, paths relative to it).
 {rest}
@@ -31,10 +34,10 @@ ADAPTER_SCOPES = {
 
 
 class DetectionCLI(VisionLoraCLI):
-    """:class:`~visionlora.cli.VisionLoraCLI` (run directories, ``num_classes`` link, resume) for detection."""
+    """:class:`~visionlora.cli.base.VisionLoraCLI` (run directories, ``num_classes`` link, resume) for detection."""
 
 
-def main(args: list[str] | None = None) -> dict:
+def main(args: list[str] | dict | None = None) -> dict:
     """Parse, fit, test and write the run directory of a detection config; returns the results row."""
     cli = build_cli(DetectionCLI, LoraDetector, CocoDetectionDataModule, args)
     return write_detection_outputs(cli, *fit_and_test(cli))
@@ -46,26 +49,23 @@ def write_detection_outputs(cli: DetectionCLI, results: dict, seconds: float) ->
     if not trainer.is_global_zero:
         return {}
     save_backbone_adapter(model, run_dir)
-    metrics_csv = run_dir / "metrics.csv"
-    if metrics_csv.is_file():
-        plot_training_curves(metrics_csv, run_dir / "training_curves.png", scores=("val/map", "val/map_50"),
-                             score_label="mAP", loss_label="detection loss")
+    plot_run_curves(run_dir, scores=("val/map", "val/map_50"), score_label="mAP", loss_label="detection loss")
     row = results_row(model, data, trainer.current_epoch, results, seconds)
     if cli.config.export_dir:
-        from visionlora.pretrain import export_pretrained_detector_backbone  # only pretraining runs need it
-
-        export_pretrained_detector_backbone(cli, row, Path(cli.config.export_dir))
-    per_class = per_class_ap(model, data.class_names)
-    (run_dir / "results.json").write_text(json.dumps(row | {"test AP per class": per_class}, indent=2))
-    print(f"\nrun directory: {run_dir}\n{format_table([row])}")
-    return row
+        export_pretrained_detector(
+            model.model, Path(cli.config.export_dir), config=detector_config(model.hparams),
+            class_names=data.class_names, image_size=data.image_size, sample_images=data.sample_batch(4),
+            dataset=data.dataset, train_images=len(data.split_records("train")), seed=cli.config.seed_everything,
+            command=pretrain_command(), epochs=row["epochs"], fit_seconds=row["fit seconds"],
+            test_map=row["test mAP"], test_map_50=row["mAP@50"],
+        )  # fmt: skip
+    return finish_run(run_dir, row, {"test AP per class": per_class_ap(model, data.class_names)})
 
 
 def results_row(model: LoraDetector, data: CocoDetectionDataModule, epochs: int, results: dict,
                 seconds: float) -> dict:
     """The printed and saved summary: method, backbone, shots, trainable parameters and test mAP."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = model.trainable_parameter_count()
+    trainable, share = parameter_share(model)
     nan = float("nan")
     return {
         "method": model.hparams.method,
@@ -73,7 +73,7 @@ def results_row(model: LoraDetector, data: CocoDetectionDataModule, epochs: int,
         "detector": model.hparams.detector,
         "shots": data.shots,
         "trainable": trainable,
-        "trainable %": 100.0 * trainable / total,
+        "trainable %": share,
         "test mAP": results.get("test/map", nan),
         "mAP@50": results.get("test/map_50", nan),
         "mAP@75": results.get("test/map_75", nan),
@@ -99,4 +99,4 @@ def save_backbone_adapter(model: LoraDetector, run_dir: Path) -> None:
         return
     save_adapter(roots[0], run_dir / "adapter")
     scope, rest = ADAPTER_SCOPES[model.hparams.adapt]
-    (run_dir / "adapter" / "README.md").write_text(ADAPTER_README.format(scope=scope, rest=rest, run_dir=run_dir))
+    write_text_atomic(run_dir / "adapter" / "README.md", ADAPTER_README.format(scope=scope, rest=rest, run_dir=run_dir))

@@ -1,11 +1,7 @@
-"""Plots and tables of a finished run: training curves, confusion matrix, and a results table for the terminal."""
+"""Plots of a finished run, written as PNG files: training curves, confusion matrix, LoRA rank spectra."""
 
 from __future__ import annotations
 
-import csv
-import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,21 +11,12 @@ matplotlib.use("Agg")  # headless: runs write PNG files, nothing is shown
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from visionlora.files import atomic_write  # noqa: E402
+
+from .tables import read_metrics_csv  # noqa: E402
+
 if TYPE_CHECKING:
     from visionlora.lora.rank import RankReport
-
-
-def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Lightning's CSVLogger file as {metric: [(step, value), ...]} with empty cells skipped."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in ("", None):
-                    continue
-                series.setdefault(key, []).append((step, float(value)))
-    return series
 
 
 def plot_training_curves(metrics_csv: str | Path, out_png: str | Path,
@@ -70,25 +57,6 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str], out_png
     return save_figure(figure, out_png)
 
 
-def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A plain-text table: one dict per row, floats to 4 significant places."""
-    columns = columns or list(rows[0])
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return "" if value is None else str(value)
-
-
 def save_figure(figure, out_png: str | Path) -> Path:
     """Write ``figure`` as a PNG atomically (temporary file, then rename) and close it."""
     figure.tight_layout()
@@ -96,26 +64,6 @@ def save_figure(figure, out_png: str | Path) -> Path:
         return atomic_write(out_png, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
     finally:
         plt.close(figure)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: a reader sees the old file or the whole new one, never a part."""
-    return atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(temporary_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def plot_rank_spectra(report: RankReport, out_png: str | Path) -> Path:
