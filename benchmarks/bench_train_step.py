@@ -199,7 +199,9 @@ def print_report(args: argparse.Namespace, results: dict, checks: list[dict]) ->
 
 def run_benchmark(args: argparse.Namespace) -> int:
     """Every worker, then the report and the JSON file; exit status 1 when a worker failed."""
-    from train_step_report import check_targets, write_json_atomic
+    from train_step_report import check_targets
+
+    from visionlora.files import write_json_atomic
 
     started = time.perf_counter()
     print(f"threads {args.threads}, batch {args.batch_size}, image {args.image_size}, steps {args.steps} "

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 LORA_VARIANTS = ("visionlora", "visionlora_gc", "visionlora_activation")
 COLUMNS = (("variant", 21), ("median ms", 10), ("p90 ms", 9), ("x full", 7), ("vl/peft", 8), ("peak RSS MB", 12),
            ("RSS x full", 11), ("dRSS MB", 8),
@@ -147,13 +142,3 @@ def format_contended(contended: dict[str, float]) -> str:
         f"others used {shares[0]:.0%}-{shares[-1]:.0%} of the CPUs")
     return (f"WARNING: other processes used > 10% of the CPUs while timing {len(contended)} worker(s), so these "
             f"timings are unreliable: {which}")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-        temp_name = handle.name
-    os.replace(temp_name, path)
