@@ -260,7 +260,7 @@ def test_parse_baseline_methods(name, method, pretrained, lr):
 
 
 def test_raw_nn_cell_is_the_former_raw_pixel_1nn():
-    """raw-nn on a k-shot cell equals fewshot_baselines.py's raw_pixel_1nn (its formula, recomputed here)."""
+    """raw-nn equals raw_pixel_1nn of the removed benchmarks/fewshot_baselines.py (its formula, recomputed here)."""
     from visionlora.data import FewShotDataModule
 
     shots, seed = 1, 3
