@@ -248,3 +248,81 @@ def test_torchvision_set_missing_or_unknown_is_named(tmp_path):
         torchvision_split("pets", tmp_path, "train")
     with pytest.raises(ValueError, match="must be one of"):
         torchvision_split("imagenet", tmp_path, "train")
+
+
+@pytest.mark.parametrize("name, method, pretrained, lr", [
+    ("scratch", "full", False, 2e-3), ("full", "full", True, 5e-4), ("raw-nn", "raw-nn", True, 3e-3),
+    ("pixel-nn", "pixel-nn", True, 3e-3)])
+def test_parse_baseline_methods(name, method, pretrained, lr):
+    spec = parse_method(name)
+    assert (spec.method, spec.pretrained, spec.lr, spec.head_lr) == (method, pretrained, lr, 3e-3)
+    assert spec.trains == (method == "full")
+
+
+def test_raw_nn_cell_is_the_former_raw_pixel_1nn():
+    """raw-nn equals raw_pixel_1nn of the removed benchmarks/fewshot_baselines.py (its formula, recomputed here)."""
+    from visionlora.data import FewShotDataModule
+
+    shots, seed = 1, 3
+    (key, cell), = kshot_cells(data_module("digits", None, "novel"), shots=[shots], seeds=[seed])
+    result = run_cell(parse_method("raw-nn"), RESNET, cell, PREP, Budget(), seed=seed)
+    # the former script: 1-NN on channel 0 of the raw 8x8 images of FewShotDataModule's own k-shot draw
+    data = FewShotDataModule(dataset="digits", classes="novel", shots=shots, seed=seed)
+    data.setup("fit")
+    train, test = data.raw_split("train"), data.raw_split("test")
+    train_x = torch.as_tensor(np.stack(train.images)[..., 0], dtype=torch.float32).flatten(1)
+    test_x = torch.as_tensor(np.stack(test.images)[..., 0], dtype=torch.float32).flatten(1)
+    nearest = torch.cdist(test_x, train_x).argmin(dim=1)
+    former = (torch.as_tensor(train.labels)[nearest] == torch.as_tensor(test.labels)).float().mean().item()
+    assert result.accuracy == pytest.approx(former, abs=1e-7)  # float32 .item() of the same count
+    assert round(result.accuracy * len(test.labels)) == round(former * len(test.labels))
+    assert (result.trainable_params, result.total_params) == (0, 0)
+
+
+def test_raw_nn_needs_one_stored_size():
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    cell = CellData(images, np.array([0, 1]), [np.zeros((9, 8, 3), dtype=np.uint8)], np.array([0]), 2)
+    with pytest.raises(ValueError, match=r"raw-nn: every image must be stored at one size .*\(9, 8, 3\)"):
+        run_cell(parse_method("raw-nn"), RESNET, cell, PREP, Budget(), seed=0)
+
+
+def test_scratch_builds_the_pretrained_architecture_with_random_weights():
+    from visionlora.benchmark.cells import build_module
+
+    scratch = build_module(parse_method("scratch"), RESNET, 5, Budget())
+    pretrained = build_module(parse_method("full"), RESNET, 5, Budget())
+    total = sum(p.numel() for p in scratch.parameters())
+    assert scratch.trainable_parameter_count() == total == sum(p.numel() for p in pretrained.parameters())
+    assert scratch.hparams.pretrained_file is None and scratch.hparams.backbone_lr == 2e-3
+    reference = pretrained.model.state_dict()
+    backbone = {n: t for n, t in scratch.model.state_dict().items() if not n.startswith("fc.")}
+    assert backbone.keys() <= reference.keys()
+    weights = [n for n in backbone if n.endswith(".weight") and backbone[n].ndim == 4]
+    assert weights and not any(torch.equal(backbone[n], reference[n]) for n in weights)  # every conv re-drawn
+    result = run_cell(parse_method("scratch"), RESNET, _digits_cell(), PREP, Budget(steps=2, batch_size=5), seed=0)
+    assert result.trainable_params == result.total_params == total
+
+
+def test_scratch_vit_takes_its_shape_from_the_local_dir_config():
+    from visionlora.benchmark.cells import build_module, random_init_architecture
+
+    vit = Backbone("vit_tiny_patch16_224", pretrained_file="local-dir:" + str(ROOT / "data" / "weights" / "vit_digits"))
+    name, model_args = random_init_architecture(vit)
+    assert name == "vit_tiny_patch16_224" and model_args["img_size"] == [24, 24] and model_args["depth"] == 4
+    assert "num_classes" not in model_args
+    scratch, pretrained = (build_module(parse_method(m), vit, 5, Budget()) for m in ("scratch", "full"))
+    assert [(n, p.shape) for n, p in scratch.named_parameters()] == [
+        (n, p.shape) for n, p in pretrained.named_parameters()]
+    assert random_init_architecture(Backbone("test_resnet")) == ("test_resnet", None)
+
+
+def test_digits_baselines_config_names_the_former_comparison():
+    tool = load_tool("fewshot_benchmark")
+    config = tool.load_config(tool.parse_args(["--config", str(ROOT / "configs/benchmark/digits_baselines.yaml")]))
+    assert (config.name, config.protocol, config.dataset, config.classes) == ("digits_baselines", "kshot", "digits",
+                                                                              "novel")
+    assert config.pretrained_file == "local-dir:data/weights/resnet_digits" and config.backbone == "test_resnet"
+    assert config.methods == ["raw-nn", "pixel-nn", "ncm", "linear", "full", "scratch", "lora-r2"]
+    assert config.shots == [1, 5] and config.seeds == [0, 1, 2, 3, 4]
+    lora = parse_method("lora-r2").lora_config(is_vit=False)
+    assert (lora.r, lora.targets) == (2, ["conv"])  # configs/default.yaml's rank and targets

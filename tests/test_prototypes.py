@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from visionlora.tasks.prototypes import class_means, nearest_class_mean, pooled_features
+from visionlora.tasks.prototypes import add_class_sums, class_means, nearest_class_mean, pooled_features
 
 
 def test_nearest_class_mean_on_handcrafted_features():
@@ -20,6 +20,21 @@ def test_class_means_average_unit_vectors():
     classes, means = class_means(support, torch.tensor([5, 5, 1]))
     assert classes.tolist() == [1, 5]
     assert torch.allclose(means, torch.tensor([[0.0, -1.0], [0.5, 0.5]]))
+    classes, raw = class_means(support, torch.tensor([5, 5, 1]), normalize=False)  # Euclidean: plain averages
+    assert classes.tolist() == [1, 5] and torch.equal(raw, torch.tensor([[0.0, -2.0], [1.5, 2.0]]))
+
+
+def test_add_class_sums_streams_batches_into_the_same_sums():
+    features = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    sums, counts = torch.zeros(3, 2), torch.zeros(3)
+    add_class_sums(sums, counts, features[:2], torch.tensor([2, 0]), normalize=False)
+    add_class_sums(sums, counts, features[2:], torch.tensor([2]), normalize=False)
+    assert torch.equal(sums, torch.tensor([[3.0, 4.0], [0.0, 0.0], [6.0, 8.0]]))
+    assert counts.tolist() == [1.0, 0.0, 2.0]
+    add_class_sums(sums, counts, torch.tensor([[0.0, 5.0]]), torch.tensor([1]))  # normalised: a unit vector
+    assert sums[1].tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match=r"sums \[C, D\] and counts \[C\]"):
+        add_class_sums(torch.zeros(3, 4), torch.zeros(3), features, torch.tensor([0, 1, 2]))
 
 
 def test_one_shot_ncm_is_cosine_one_nearest_neighbour():

@@ -7,8 +7,10 @@ fixed budget of optimiser steps, because a Lightning Trainer per cell would cost
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import timm
@@ -70,6 +72,9 @@ def run_cell(spec: MethodSpec, backbone: Backbone, data: CellData, preprocessing
     """Fine-tune with ``spec`` on ``data``'s training images (seeded), then return test accuracy and costs."""
     started = time.perf_counter()
     torch.manual_seed(seed)
+    if spec.method == "raw-nn":
+        accuracy = raw_nearest_neighbour(data, budget.eval_batch_size)
+        return CellResult(accuracy, 0, 0, time.perf_counter() - started)
     test = _loader(data.test_images, data.test_labels, _eval(preprocessing), budget.eval_batch_size)
     if spec.method == "pixel-nn":
         train = _loader(data.train_images, data.train_labels, _eval(preprocessing), budget.eval_batch_size)
@@ -86,12 +91,39 @@ def run_cell(spec: MethodSpec, backbone: Backbone, data: CellData, preprocessing
 
 
 def build_module(spec: MethodSpec, backbone: Backbone, num_classes: int, budget: Budget) -> LoraClassifier:
-    """A fresh ``LoraClassifier`` for the method (``ncm`` builds a linear probe that is never stepped)."""
+    """A fresh ``LoraClassifier`` for the method (``ncm`` builds a linear probe that is never stepped).
+
+    With ``spec.pretrained`` False (``scratch``) the backbone's architecture is built without its weights.
+    """
     method = "linear" if spec.method == "ncm" else spec.method
     lora = spec.lora_config(has_attention(backbone)) if method == "lora" else None
-    return LoraClassifier(backbone.name, num_classes, backbone.pretrained, backbone.pretrained_file,
-                          backbone.model_args, method=method, lora=lora, lr=spec.lr, head_lr=spec.head_lr,
-                          backbone_lr=spec.lr, warmup_fraction=budget.warmup_fraction)
+    if spec.pretrained:
+        weights = dict(backbone=backbone.name, pretrained=backbone.pretrained,
+                       pretrained_file=backbone.pretrained_file, model_args=backbone.model_args)
+    else:
+        name, model_args = random_init_architecture(backbone)
+        weights = dict(backbone=name, pretrained=False, pretrained_file=None, model_args=model_args)
+    return LoraClassifier(num_classes=num_classes, **weights, method=method, lora=lora, lr=spec.lr,
+                          head_lr=spec.head_lr, backbone_lr=spec.lr, warmup_fraction=budget.warmup_fraction)
+
+
+def random_init_architecture(backbone: Backbone) -> tuple[str, dict | None]:
+    """The timm architecture and ``create_model`` arguments of ``backbone``, for building it without weights.
+
+    A ``local-dir:`` folder names both in its config.json (``architecture``, ``model_args``: what timm reads when it
+    loads the folder, so the random model has the pretrained one's shape, e.g. the bundled ViT's 24 px, depth 4);
+    otherwise they are ``backbone.name`` and ``backbone.model_args``. ``backbone.model_args`` win over the file's.
+    """
+    file = backbone.pretrained_file
+    folder = Path(file.removeprefix("local-dir:")) if file else None
+    if folder is None or not folder.is_dir():
+        return backbone.name, backbone.model_args
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"pretrained_file folder {folder} has no config.json (timm local-dir format)")
+    config = json.loads(config_file.read_text())
+    stored = {k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"}
+    return config.get("architecture", backbone.name), stored | (backbone.model_args or {})
 
 
 def has_attention(backbone: Backbone) -> bool:
@@ -142,7 +174,11 @@ def test_accuracy(module: LoraClassifier, loader: DataLoader) -> float:
 
 @torch.no_grad()
 def pixel_nearest_neighbour(train: DataLoader, test: DataLoader) -> float:
-    """1-nearest-neighbour (Euclidean) on the normalised input pixels: the no-learning baseline."""
+    """1-nearest-neighbour (Euclidean) of each test image among the training images, on the tensors the loaders yield.
+
+    ``pixel-nn`` passes the eval-transformed, normalised model input (resized to the backbone's input size);
+    ``raw-nn`` (:func:`raw_nearest_neighbour`) the raw stored pixels. Ties go to the first training image.
+    """
     support, support_labels = (torch.cat(parts) for parts in zip(*train, strict=True))
     correct = total = 0
     for images, labels in test:
@@ -150,6 +186,35 @@ def pixel_nearest_neighbour(train: DataLoader, test: DataLoader) -> float:
         correct += (support_labels[nearest] == labels).sum().item()
         total += len(labels)
     return correct / total
+
+
+@torch.no_grad()
+def raw_nearest_neighbour(data: CellData, batch_size: int) -> float:
+    """1-nearest-neighbour (Euclidean) on the images as stored: raw uint8 pixels of every channel, no resize, no
+    normalisation, the no-learning baseline that owes nothing to the backbone's preprocessing.
+
+    Distances are computed in float64, where sums of squared integer pixel differences are exact, so the nearest
+    image does not depend on rounding. Every image must have the first training image's size.
+    """
+    shape = tuple(FewShotDataset(data.train_images, data.train_labels)[0][0].shape)
+    as_stored = _RawPixels(shape)
+    train = _loader(data.train_images, data.train_labels, as_stored, batch_size)
+    test = _loader(data.test_images, data.test_labels, as_stored, batch_size)
+    return pixel_nearest_neighbour(train, test)
+
+
+class _RawPixels:
+    """A ``FewShotDataset`` transform: the stored ``H x W x 3`` uint8 image as float64, after checking its size."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def __call__(self, image: np.ndarray) -> dict:
+        image = np.asarray(image)
+        if image.shape != self.shape:
+            raise ValueError(f"raw-nn: every image must be stored at one size (the first training image is "
+                             f"{self.shape}, another is {image.shape}); pixel-nn resizes them to the model input")
+        return {"image": torch.from_numpy(image.astype(np.float64))}
 
 
 def _head_size(module: LoraClassifier) -> int:

@@ -1,8 +1,13 @@
 """The methods a few-shot benchmark compares, named by short strings (``ncm``, ``linear``, ``lora-attn-r4``, ...).
 
 Each name maps to a :class:`MethodSpec`: which weights train (LoRA per Hu et al. 2021, arXiv:2106.09685; DoRA per
-Liu et al. 2024, arXiv:2402.09353), at which learning rates, and for how many steps. Learning rates follow
-``benchmarks/fewshot_baselines.py`` (tuned per method on the default task, as a fair comparison needs).
+Liu et al. 2024, arXiv:2402.09353), at which learning rates, and for how many steps. Learning rates were tuned per
+method on the default task (configs/default.yaml, digits 5-9), as a fair comparison needs; the baselines beside
+them are in configs/benchmark/digits_baselines.yaml.
+
+The two no-learning baselines differ in what they compare: ``raw-nn`` is 1-nearest-neighbour (Euclidean) on the
+images as stored (raw uint8 pixels: no resize, no normalisation), ``pixel-nn`` on the model input (the images after
+the eval transform: resized and centre-cropped to the backbone's input size, mean/std-normalised).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from visionlora.lora import LoraConfig
 # Targets per scope; "all" adapts what the family preset adapts: every linear layer of a ViT block, or every conv.
 SCOPES = {"attn": ["attn"], "all-vit": ["vit-all"], "all-conv": ["conv"]}
 METHOD_PATTERN = re.compile(r"(?P<kind>lora|dora)(-(?P<scope>attn|all))?-r(?P<rank>\d+)")
-NAMED = ("ncm", "linear", "full", "pixel-nn")
+NAMED = ("ncm", "linear", "full", "scratch", "pixel-nn", "raw-nn")
+NEAREST_NEIGHBOUR = ("pixel-nn", "raw-nn")
 
 
 @dataclass(frozen=True)
@@ -24,13 +30,16 @@ class MethodSpec:
 
     Attributes:
         name: The string it was parsed from (shown in tables).
-        method: ``LoraClassifier``'s ``method``: ``lora``, ``full`` or ``linear`` (``ncm`` and ``pixel-nn`` are
-            evaluated without gradient steps).
+        method: ``LoraClassifier``'s ``method``: ``lora``, ``full`` or ``linear``; or ``ncm`` (the imprinted
+            nearest-class-mean head, never stepped), ``pixel-nn`` (1-NN on the eval-transformed, normalised model
+            input) or ``raw-nn`` (1-NN on the raw stored pixels), which take no gradient steps.
         rank: LoRA rank (LoRA/DoRA only).
         scope: ``attn`` (attention projections only) or ``all`` (every layer the family preset adapts).
         use_dora: Weight-decomposed LoRA.
         lr: Learning rate of the LoRA factors or, for ``full``, of the backbone.
         head_lr: Learning rate of the classifier head.
+        pretrained: Start from the backbone's pretrained weights; ``False`` (``scratch``) builds the same
+            architecture from random initialisation.
     """
 
     name: str
@@ -40,10 +49,11 @@ class MethodSpec:
     use_dora: bool = False
     lr: float = 3e-3
     head_lr: float = 3e-3
+    pretrained: bool = True
 
     @property
     def trains(self) -> bool:
-        """Whether the method takes gradient steps (NCM and pixel nearest neighbour do not)."""
+        """Whether the method takes gradient steps (NCM and the pixel nearest neighbours do not)."""
         return self.method in ("lora", "full", "linear")
 
     def lora_config(self, is_vit: bool) -> LoraConfig | None:
@@ -57,16 +67,24 @@ class MethodSpec:
 
 
 def parse_method(name: str) -> MethodSpec:
-    """``ncm``, ``pixel-nn``, ``linear``, ``full``, ``lora-r8``, ``lora-attn-r4``, ``lora-all-r16``, ``dora-r8``.
+    """``ncm``, ``pixel-nn``, ``raw-nn``, ``linear``, ``full``, ``scratch``, ``lora-r8``, ``lora-attn-r4``,
+    ``lora-all-r16``, ``dora-r8``.
+
+    - ``pixel-nn``: 1-nearest-neighbour (Euclidean) on the eval-transformed, normalised model input.
+    - ``raw-nn``: 1-nearest-neighbour (Euclidean) on the untransformed images as stored (raw pixels).
+    - ``scratch``: ``full`` from random initialisation (the backbone built without its pretrained weights), at the
+      larger backbone learning rate random weights need.
 
     LoRA's ``alpha`` equals its rank (scale 1), so ranks compare at the same learning rate.
     """
-    if name in ("ncm", "pixel-nn"):
+    if name in ("ncm", *NEAREST_NEIGHBOUR):
         return MethodSpec(name, name)
     if name == "linear":
         return MethodSpec(name, "linear", lr=1e-2, head_lr=1e-2)
     if name == "full":
         return MethodSpec(name, "full", lr=5e-4, head_lr=3e-3)
+    if name == "scratch":
+        return MethodSpec(name, "full", lr=2e-3, head_lr=3e-3, pretrained=False)
     match = METHOD_PATTERN.fullmatch(name)
     if match is None or int(match["rank"]) < 1:
         raise ValueError(f"unknown method {name!r}: use one of {', '.join(NAMED)}, or lora-r<rank>, "

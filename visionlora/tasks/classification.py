@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from visionlora.lora import LoraConfig, inject_lora, lora_state
 from visionlora.lora.targets import find_head_path
 from visionlora.models import create_backbone
+from visionlora.tasks.prototypes import add_class_sums, pooled_features
 
 from .optim import adamw_groups, lightning_optimizers, lora_factor_group
 
@@ -151,15 +152,12 @@ class LoraClassifier(L.LightningModule):
         head = self.model.get_classifier()
         if not isinstance(head, nn.Linear):
             return
+        # Euclidean class means of the raw features (prototypes.py's sums, not its cosine means), one batch at a time.
         sums = head.weight.new_zeros(head.out_features, head.in_features, dtype=torch.float32)
         counts = sums.new_zeros(head.out_features)
-        was_training = self.model.training
-        self.model.eval()
         for images, labels in loader:
-            features = self.model.forward_head(self.model.forward_features(images.to(self.device)), pre_logits=True)
-            sums.index_add_(0, labels.to(self.device), features.float())
-            counts += torch.bincount(labels.to(self.device), minlength=head.out_features).float()
-        self.model.train(was_training)
+            features = pooled_features(self.model, images.to(self.device), batch_size=len(images))
+            add_class_sums(sums, counts, features, labels.to(self.device), normalize=False)
         if self._trainer is not None:
             # Every rank saw the same images (the loader is not sharded yet); summing keeps ranks identical anyway.
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")

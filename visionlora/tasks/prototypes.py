@@ -1,10 +1,17 @@
-"""Few-shot classification without training: nearest class mean on a frozen backbone's pooled features.
+"""Nearest class mean on a frozen backbone's pooled features: the class means behind both prototype classifiers.
 
 The class mean of the support features is the prototype of prototypical networks (Snell, Swersky & Zemel 2017,
-arXiv:1703.05175); comparing L2-normalised features (cosine similarity) rather than raw Euclidean distance follows
-SimpleShot (Wang et al. 2019, arXiv:1911.04623), where this alone makes a nearest-centroid classifier competitive.
-With one shot per class the class mean is the shot itself, so this is also cosine 1-nearest-neighbour. Torch only:
-no training, no data loading.
+arXiv:1703.05175). Two classifiers use it:
+
+- Euclidean: ``LoraClassifier.imprint_head`` (and with it the few-shot benchmark's ``ncm``) turns the means of the
+  raw features into a linear head, w_c = μ_c, b_c = -½‖μ_c‖² (imprinted weights, Qi et al. 2018, arXiv:1712.07136),
+  built from :func:`pooled_features` and :func:`add_class_sums` with ``normalize=False``.
+- Cosine: :func:`nearest_class_mean` compares L2-normalised features with the means of L2-normalised support
+  features, following SimpleShot (Wang et al. 2019, arXiv:1911.04623), where this alone makes a nearest-centroid
+  classifier competitive. With one shot per class the class mean is the shot itself, so this is also cosine
+  1-nearest-neighbour.
+
+Torch only: no training, no data loading.
 """
 
 from __future__ import annotations
@@ -43,18 +50,47 @@ def pooled_features(model: nn.Module, images: torch.Tensor, batch_size: int = 25
     return torch.cat(chunks)
 
 
-def class_means(support_feats: torch.Tensor, support_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(classes [C] sorted, means [C, D])`` of the L2-normalised support features of each class.
+def add_class_sums(sums: torch.Tensor, counts: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                   normalize: bool = True) -> None:
+    """Add each feature row to its class's row of ``sums`` and 1 to its class's ``counts``, in place.
 
-    Features are normalised before averaging so that every shot counts equally, whatever its feature norm.
+    The streaming half of :func:`class_means`, for features that come in batches: call it once per batch on the same
+    ``sums`` and ``counts``, then divide.
+
+    Args:
+        sums: ``[C, D]`` float running sums; row ``c`` collects the features labelled ``c``.
+        counts: ``[C]`` float running counts.
+        features: ``[N, D]`` features.
+        labels: ``[N]`` integer labels in ``0..C-1``.
+        normalize: L2-normalise each feature before adding it (every shot then counts equally, whatever its norm;
+            SimpleShot's cosine means); ``False`` sums the raw features (Euclidean means).
+    """
+    if features.ndim != 2 or labels.shape != features.shape[:1]:
+        raise ValueError(f"add_class_sums: features must be [N, D] with [N] labels, got {tuple(features.shape)} "
+                         f"and {tuple(labels.shape)}")
+    if sums.shape[1:] != features.shape[1:] or counts.shape != sums.shape[:1]:
+        raise ValueError(f"add_class_sums: sums [C, D] and counts [C] must match features [N, {features.shape[1]}], "
+                         f"got {tuple(sums.shape)} and {tuple(counts.shape)}")
+    features = F.normalize(features.float(), dim=1) if normalize else features.float()
+    sums.index_add_(0, labels, features)
+    counts += torch.bincount(labels, minlength=len(counts)).to(counts.dtype)
+
+
+def class_means(support_feats: torch.Tensor, support_labels: torch.Tensor, normalize: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(classes [C] sorted, means [C, D])`` of the support features of each class.
+
+    With ``normalize`` (the default, what :func:`nearest_class_mean` uses) features are L2-normalised before
+    averaging, so that every shot counts equally, whatever its feature norm; ``normalize=False`` averages the raw
+    features (the Euclidean prototypes of an imprinted head).
     """
     if support_feats.ndim != 2 or support_labels.shape != support_feats.shape[:1]:
         raise ValueError(f"nearest_class_mean: support features must be [N, D] with [N] labels, got "
                          f"{tuple(support_feats.shape)} and {tuple(support_labels.shape)}")
     classes, index = torch.unique(support_labels, sorted=True, return_inverse=True)
-    normalised = F.normalize(support_feats.float(), dim=1)
-    sums = normalised.new_zeros(len(classes), normalised.shape[1]).index_add_(0, index, normalised)
-    counts = torch.bincount(index, minlength=len(classes)).to(sums.dtype)
+    sums = support_feats.new_zeros(len(classes), support_feats.shape[1], dtype=torch.float32)
+    counts = sums.new_zeros(len(classes))
+    add_class_sums(sums, counts, support_feats, index, normalize)
     return classes, sums / counts[:, None]
 
 
