@@ -168,7 +168,7 @@ def test_shipped_omniglot_config_builds_with_the_real_data(omniglot_root, tmp_pa
     from visionlora.cli import VisionLoraCLI
     from visionlora.tasks import LoraClassifier
 
-    monkeypatch.chdir(ROOT)  # the config's root is relative to the repository
+    monkeypatch.chdir(ROOT)  # run where the shipped command runs; the config names no root, the test passes it
     args = ["--config", "configs/pretrain/resnet_omniglot.yaml", "--data.root", str(omniglot_root),
             "--runs_dir", str(tmp_path), "--export_dir", str(tmp_path / "weights")]
     cli = VisionLoraCLI(LoraClassifier, FewShotDataModule, run=False, args=args)

@@ -77,6 +77,11 @@ class SweepConfig:
         config = cls(**values)
         if config.protocol not in PROTOCOLS:
             raise ValueError(f"{source}: protocol must be one of {PROTOCOLS}, got {config.protocol!r}")
+        if config.root is None and (config.protocol == "omniglot" or config.dataset != "digits"):
+            # Shipped configs name no dataset folder outside the repository: the caller passes it.
+            what = ("the folder holding Omniglot's all_runs.zip" if config.protocol == "omniglot"
+                    else f"the folder of dataset {config.dataset!r}")
+            raise ValueError(f"{source}: root is not set; pass --root DIR ({what})")
         for method in config.methods:
             parse_method(method)  # fail before any training on a misspelt method
         return config
