@@ -29,8 +29,6 @@ CONFIG_PATH = re.compile(r"configs/[\w./-]+\.yaml")
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 INLINE = re.compile(r"`([^`\n]+)`")
 TEST_COMMAND = 'pip install -e ".[dev]" && python -m pytest -q -p no:cacheprovider'
-# Named by docs/results.md as where benchmarks/fewshot_baselines.py is moving; drop from here when it lands.
-PENDING_CONFIGS = {"configs/benchmark/digits_baselines.yaml"}
 
 
 def doc_commands(text: str) -> list[str]:
@@ -126,7 +124,7 @@ def test_documented_command_runs(job, results):
 @pytest.mark.parametrize("doc", DOC_FILES, ids=[p.name for p in DOC_FILES])
 def test_every_named_config_exists(doc):
     named = sorted(set(CONFIG_PATH.findall(doc.read_text())))
-    missing = [path for path in named if not (ROOT / path).is_file() and path not in PENDING_CONFIGS]
+    missing = [path for path in named if not (ROOT / path).is_file()]
     assert not missing, f"{doc.name} names configs that do not exist: {missing}"
 
 
