@@ -6,12 +6,22 @@ the result is exactly what ``timm.create_model(name, pretrained=True)`` would gi
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
 from pathlib import Path
 
 import timm
+import torch
+from timm.models._helpers import load_state_dict
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 LOCAL_DIR = "local-dir:"
+# What timm's local-dir folders may hold as weights, in the order timm looks for them.
+LOCAL_DIR_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_SHOWN_KEYS = 3
 
 
 def create_backbone(name: str, num_classes: int, pretrained: bool = False, pretrained_file: str | None = None,
@@ -34,13 +44,112 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, pretr
     path = Path(pretrained_file.removeprefix(LOCAL_DIR))
     if not path.exists():
         raise FileNotFoundError(f"pretrained_file not found: {path}")
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"pretrained_file folder {path} has no config.json (timm local-dir format)")
-        return timm.create_model(f"{LOCAL_DIR}{path}", pretrained=True, num_classes=num_classes, **model_args)
-    overlay = dict(file=str(path))
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes,
-                             **model_args)
+    weights = local_dir_weights(path, name) if path.is_dir() else path
+    state = read_weights(weights)
+    features_only = bool(model_args.get("features_only"))
+    try:
+        if path.is_dir():
+            model = timm.create_model(f"{LOCAL_DIR}{path}", pretrained=True, num_classes=num_classes, **model_args)
+        else:
+            # timm drops a file's head unless its pretrained config's class count is the file's: give it when it fits.
+            fits = _head_size(name, state) == num_classes
+            overlay = dict(file=str(path)) | ({"num_classes": num_classes} if fits else {})
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes,
+                                      **model_args)
+    except RuntimeError:  # timm's strict load_state_dict: say which tensors, of which file, do not fit
+        reference = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_args)
+        check_weights_fit(reference, state, weights, name, features_only)
+        raise
+    check_weights_fit(model, state, weights, name, features_only)
+    return model
+
+
+def local_dir_weights(folder: Path, name: str) -> Path:
+    """The weights file of a timm local-dir folder, after checking that its config names architecture ``name``."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"pretrained_file folder {folder} has no config.json (timm local-dir format)")
+    architecture = json.loads(config_file.read_text()).get("architecture")
+    if architecture != name:
+        raise ValueError(f"pretrained_file {folder}: its config.json is for architecture {architecture!r}, but the "
+                         f"backbone is {name!r}; set the backbone to {architecture!r} or use weights for {name!r}")
+    for file_name in LOCAL_DIR_WEIGHTS:
+        if (folder / file_name).is_file():
+            return folder / file_name
+    raise FileNotFoundError(f"pretrained_file folder {folder} has none of {', '.join(LOCAL_DIR_WEIGHTS)}")
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A weights file as timm reads it (safetensors, or ``torch.load(weights_only=True)``); errors name the file."""
+    try:
+        return load_state_dict(str(file), weights_only=True)
+    except Exception as error:  # noqa: BLE001 - safetensors, pickle and zip readers each raise their own types
+        raise ValueError(f"pretrained_file {file}: not a readable weights file ({type(error).__name__}: "
+                         f"{error})") from None
+
+
+def check_weights_fit(model: nn.Module, state: dict[str, torch.Tensor], file: Path, name: str,
+                      features_only: bool = False) -> None:
+    """Raise unless ``state`` holds every backbone tensor of ``model`` in its shape; the head alone may differ.
+
+    timm loads a checkpoint with ``strict=False`` as soon as the head is resized, so without this check a file of
+    another architecture leaves the whole backbone at random initialisation after a single logged warning. The
+    family's own checkpoint filter (what timm applies to such files, e.g. a ViT's position-embedding resize) is
+    applied first. A ``features_only`` model keeps only some of the layers, so unused tensors are not an error.
+    """
+    state = _filtered_like_timm(model, state)
+    heads = tuple(_classifier_names(model))
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    is_head = lambda key: key.startswith(tuple(f"{h}." for h in heads))  # noqa: E731
+    missing = [k for k in own if k not in state and not is_head(k)]
+    unexpected = [] if features_only else [k for k in state if k not in own and not is_head(k)
+                                           and not k.endswith("num_batches_tracked")]
+    reshaped = [k for k in own if k in state and not is_head(k) and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or reshaped:
+        problems = []
+        if missing:
+            problems.append(f"missing {_first(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {_first(unexpected)}")
+        if reshaped:
+            key = reshaped[0]
+            problems.append(f"shape of {key}: file {list(state[key].shape)}, model {list(own[key].shape)}")
+        raise ValueError(f"pretrained_file {file} does not fit architecture {name!r}: {'; '.join(problems)}")
+    head_keys = [k for k in own if is_head(k) and k.endswith("weight")]
+    changed = [k for k in head_keys if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
+    if changed:
+        key = changed[0]
+        had = f"{state[key].shape[0]} classes" if key in state else "no head"
+        logger.info("pretrained_file %s: head %r not loaded (the file has %s; a new %d-class head is initialised)",
+                    file, key.rpartition(".")[0], had, own[key].shape[0])
+
+
+def _head_size(name: str, state: dict) -> int | None:
+    """The class count of the classifier of architecture ``name`` in ``state``; None when it has none."""
+    classifier = getattr(timm.models.get_pretrained_cfg(name), "classifier", None) if timm.is_model(name) else None
+    weight = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def _filtered_like_timm(model: nn.Module, state: dict) -> dict:
+    """``state`` through the model family's ``checkpoint_filter_fn`` when it has one (timm applies it on load)."""
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    try:
+        return filter_fn(dict(state), model)
+    except Exception:  # noqa: BLE001 - a filter for this family that chokes on the file: compare it as stored
+        return state
+
+
+def _classifier_names(model: nn.Module) -> list[str]:
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ("head", "fc", "classifier")
+    return [classifier] if isinstance(classifier, str) else list(classifier)
+
+
+def _first(keys: list[str]) -> str:
+    more = f" and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else ""
+    return ", ".join(keys[:_SHOWN_KEYS]) + more
 
 
 def save_backbone(model: nn.Module, directory: str | Path, data_config: dict | None = None,
