@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from visionlora.data import FewShotDataset, eval_transform, train_transform
-from visionlora.data.datamodule import with_random_affine
-from visionlora.data.presets import seed_transform
+from visionlora.data.classification.datamodule import with_random_affine
+from visionlora.data.common import seed_transform
 from visionlora.tasks import LoraClassifier
 from visionlora.tasks.classification import warmup_cosine
 

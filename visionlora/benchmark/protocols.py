@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from visionlora.data import FewShotDataModule, FewShotDataset, sample_k_shot
-from visionlora.data.omniglot import omniglot_one_shot_runs
-from visionlora.data.torchvision_sets import torchvision_split
+from visionlora.data.sources.omniglot import omniglot_one_shot_runs
+from visionlora.data.sources.torchvision_sets import torchvision_split
 
 from .cells import CellData
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionlora.data.omniglot import digits_with_omniglot, omniglot_background, render_like_digits
+from visionlora.data.sources.omniglot import digits_with_omniglot, omniglot_background, render_like_digits
 
 
 def _png(ink_box: tuple[int, int, int, int]) -> bytes:
@@ -53,7 +53,7 @@ def test_missing_archive_is_named(tmp_path):
 
 
 def test_digits_with_omniglot_appends_classes_after_the_digits(archive_root, monkeypatch):
-    import visionlora.data.omniglot as omniglot
+    import visionlora.data.sources.omniglot as omniglot
 
     monkeypatch.setattr(omniglot, "BACKGROUND_SMALL", ("images_background_small1",))
     omniglot._cached_background.cache_clear()

@@ -8,7 +8,7 @@ import timm
 import torch
 
 from visionlora.data import IMAGENET_MEAN, IMAGENET_STD, data_config_from_model, eval_transform, train_transform
-from visionlora.data.presets import seed_transform
+from visionlora.data.common import seed_transform
 
 
 def _apply(transform, image: np.ndarray) -> torch.Tensor:

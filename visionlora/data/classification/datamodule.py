@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import digits, imagefolder, omniglot
-from .dataset import FewShotDataset, seed_worker
+from ..common import seed_transform, seed_worker
+from ..sources import digits, omniglot
+from . import imagefolder
+from .dataset import FewShotDataset
 from .presets import (
     DEFAULT_CROP_PCT,
     DEFAULT_IMAGE_SIZE,
@@ -26,7 +28,6 @@ from .presets import (
     INTERPOLATION_NAME,
     eval_transform,
     normalize_data_config,
-    seed_transform,
     train_transform,
 )
 from .sampling import sample_k_shot, stratified_split, write_selection
@@ -77,7 +78,7 @@ class FewShotDataModule(L.LightningDataModule):
             character rendered like a digit; ``root`` is the folder of the Omniglot archives) or ``"omniglot"``
             (pretraining data for the Omniglot one-shot runs: all 292 background-small characters in the
             ``"centred"`` 28 px render, drawers 1-16 as the training pool and drawers 17-20 as the test set, see
-            :func:`~visionlora.data.omniglot.omniglot_background_part`; ``root`` as for ``"digits+omniglot"``).
+            :func:`~visionlora.data.sources.omniglot.omniglot_background_part`; ``root`` as for ``"digits+omniglot"``).
         root: Folder of the ImageFolder dataset or of the Omniglot archives; must be left unset for ``"digits"``.
         classes: Digits only: ``"novel"`` (digits 5-9), ``"base"`` (0-4) or ``"all"`` (0-9).
         shots: Training images per class (k); ``None`` trains on the whole training pool.
@@ -182,7 +183,7 @@ class FewShotDataModule(L.LightningDataModule):
 
         Args:
             config: Any of ``image_size``, ``mean``, ``std``, ``crop_pct`` (as from
-                :func:`~visionlora.data.presets.data_config_from_model`), or timm's
+                :func:`~visionlora.data.classification.presets.data_config_from_model`), or timm's
                 ``resolve_model_data_config(model)`` dict as is (``input_size`` gives ``image_size``).
         """
         self._backbone_config = normalize_data_config(config)

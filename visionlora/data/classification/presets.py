@@ -8,10 +8,7 @@ backbone's mean and std. The eval pipeline follows timm's ``crop_pct`` conventio
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Sequence
-
-import numpy as np
 
 # albumentations checks PyPI for a newer version on every import (a network call with a 2 s timeout); that is
 # noise on offline training machines. An explicit setting by the user still wins.
@@ -145,15 +142,6 @@ def normalize_data_config(config: dict) -> dict:
     if "crop_pct" in out:
         out["crop_pct"] = float(out["crop_pct"])
     return out
-
-
-def seed_transform(transform: A.Compose, seed: int) -> None:
-    """Give every step of ``transform`` one shared random stream seeded with ``seed``.
-
-    ``A.Compose(seed=...)`` seeds each step with the *same* seed, so e.g. the flip and the crop would draw the
-    same numbers; sharing one generator avoids that correlation.
-    """
-    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 def _check_size(image_size: int) -> None:

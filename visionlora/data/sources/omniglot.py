@@ -274,7 +274,7 @@ def _render(png: bytes, render: str) -> np.ndarray:
     elif render == "centred":
         grey = render_centred(ink)
     else:
-        # The same 0..16 -> 0..255 scaling as visionlora.data.digits.
+        # The same 0..16 -> 0..255 scaling as visionlora.data.sources.digits.
         grey = np.rint(render_like_digits(ink) * (255.0 / 16.0)).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2)
 

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 TFA_SHOT_LADDER = (1, 2, 3, 5, 10, 30)
 _ATTEMPTS = 100
-_STREAM = 2  # distinct from the classification sampler's streams in sampling.py
+_STREAM = 2  # distinct from the classification sampler's streams in classification/sampling.py
 
 
 @dataclass(frozen=True)

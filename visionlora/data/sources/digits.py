@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .sampling import stratified_split
+from ..classification.sampling import stratified_split
 
 BASE_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4)
 NOVEL_CLASSES: tuple[int, ...] = (5, 6, 7, 8, 9)

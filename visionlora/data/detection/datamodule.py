@@ -5,7 +5,7 @@ torchvision detector normalises) and a list of dicts with ``boxes`` float32 ``[N
 y1`` pixels of the transformed image), ``labels`` int64 ``[N]`` in ``1..num_classes`` (0 is the background) and
 ``image_id`` int64 scalar. Training images come out ``image_size`` square; evaluation images keep their aspect
 ratio with the longer side ``image_size``. The training set is drawn with TFA's K-instance sampler
-(:mod:`~visionlora.data.detection_sampling`); validation and test sets are used whole and never depend on
+(:mod:`~visionlora.data.detection.sampling`); validation and test sets are used whole and never depend on
 ``seed``.
 """
 
@@ -18,13 +18,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .coco import BAD_POLICIES, CocoSplit, DetectionRecord, load_coco, read_coco_categories
-from .dataset import seed_worker
-from .detection_dataset import DetectionDataset, collate_detection
-from .detection_presets import DEFAULT_SCALE, eval_detection_transform, train_detection_transform
-from .detection_sampling import InstanceSample, sample_k_instances, write_fewshot_selection
-from .presets import seed_transform
-from .synthetic_scenes import (
+from ..common import seed_transform, seed_worker
+from ..sources.synthetic_scenes import (
     BASE_CLASS_NAMES,
     BASE_ROOT,
     BASE_SEED,
@@ -34,6 +29,10 @@ from .synthetic_scenes import (
     NIGHT_ROOT,
     ensure_synthetic_scenes,
 )
+from .coco import BAD_POLICIES, CocoSplit, DetectionRecord, load_coco, read_coco_categories
+from .dataset import DetectionDataset, collate_detection
+from .presets import DEFAULT_SCALE, eval_detection_transform, train_detection_transform
+from .sampling import InstanceSample, sample_k_instances, write_fewshot_selection
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +80,8 @@ class CocoDetectionDataModule(L.LightningDataModule):
             scenes are 128 px; photos want 512 or more.
         hflip: Random horizontal flips in training.
         scale: Range of the random rescale in training (see
-            :func:`~visionlora.data.detection_presets.train_detection_transform`).
-        on_bad: ``"drop"`` or ``"error"``: what :func:`~visionlora.data.coco.load_coco` does with bad
+            :func:`~visionlora.data.detection.presets.train_detection_transform`).
+        on_bad: ``"drop"`` or ``"error"``: what :func:`~visionlora.data.detection.coco.load_coco` does with bad
             annotations and missing image files.
         keep_empty_images: With ``shots=None``, keep training images that have no annotation (as negatives).
             The K-instance draw never picks them; validation and test always keep them.

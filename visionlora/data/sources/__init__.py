@@ -1,0 +1,1 @@
+"""Named datasets: embedded digits, Omniglot, synthetic detection scenes, torchvision's FGVC sets."""
