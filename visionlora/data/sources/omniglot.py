@@ -1,7 +1,8 @@
 """Omniglot (Lake, Salakhutdinov & Tenenbaum 2015, Science 350(6266)) read from the official archive layout.
 
-The archives (``images_background_small1.zip``, ``images_background_small2.zip``, ``all_runs.zip``) or their
-unpacked folders are read by path; nothing is downloaded or copied. Characters are black ink on white 105x105 PNGs.
+The archives (``images_background_small1.zip``, ``images_background_small2.zip``, ``all_runs.zip``, from the
+``python/`` folder of the official repository, brendenlake/omniglot on GitHub) or their unpacked folders are read
+by path; nothing is downloaded or copied. Characters are black ink on white 105x105 PNGs.
 
 Renders (every one returns ink bright on black, ``[H, W, 3]`` uint8):
 
@@ -26,15 +27,16 @@ from __future__ import annotations
 import io
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from . import digits
+from .base import ClassificationPools, ClassificationSource, LabelledImages, SourceOptions
 
 BACKGROUND_SMALL = ("images_background_small1", "images_background_small2")
 RENDERS = ("native", "digits", "centred")
@@ -49,6 +51,8 @@ RUNS_ARCHIVE = "all_runs"
 NUM_RUNS = 20
 RUN_WAYS = 20
 _DRAWER_PATTERN = re.compile(r"_(\d{2})\.png$")
+OFFICIAL_REPOSITORY = ("the official Omniglot repository (brendenlake/omniglot on GitHub, folder python/: "
+                       "https://github.com/brendenlake/omniglot/tree/master/python)")
 
 
 @dataclass(frozen=True, eq=False)  # eq on numpy fields would raise, not compare
@@ -83,6 +87,7 @@ def omniglot_background(root: str | Path, splits: tuple[str, ...] = BACKGROUND_S
 
 def omniglot_background_class_names(root: str | Path, splits: tuple[str, ...] = BACKGROUND_SMALL) -> list[str]:
     """The class names of :func:`omniglot_background`, in label order, from the file names alone (nothing decoded)."""
+    _require(Path(root), splits, "the background data")
     names: dict[str, None] = {}
     for split in splits:
         for member in _split_members(Path(root), split):
@@ -204,6 +209,7 @@ def _read_background(root: Path, splits: tuple[str, ...], render: str
                      ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Images, labels, class names and archive paths (``split/alphabet/char/file.png``) of the given splits."""
     _check_render(render)
+    _require(root, splits, "the background data")
     images, labels, names, files = [], [], {}, []
     for split in splits:
         for member, data in _split_pngs(root, split):
@@ -241,7 +247,7 @@ def _split_members(root: Path, split: str) -> list[str]:
             return sorted(m for m in handle.namelist() if m.endswith(".png"))
     if folder.is_dir():
         return sorted(str(path.relative_to(root)) for path in folder.rglob("*.png"))
-    raise FileNotFoundError(f"omniglot: neither {archive} nor {folder} exists")
+    raise _not_found(root, (split,), "the background data")
 
 
 def _split_pngs(root: Path, split: str) -> Iterator[tuple[str, bytes]]:
@@ -264,7 +270,23 @@ def _read_tree(root: Path, name: str) -> tuple[Path, dict[str, bytes]]:
             return archive, {m: handle.read(m) for m in handle.namelist() if not m.endswith("/")}
     if folder.is_dir():
         return folder, {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    raise FileNotFoundError(f"omniglot: neither {archive} nor {folder} exists")
+    raise _not_found(root, (name,), "the one-shot runs")
+
+
+def _require(root: Path, names: Sequence[str], what: str) -> None:
+    """Raise, naming every expected archive, unless ``<name>.zip`` or the folder ``<name>/`` exists for each name."""
+    if any(not (root / f"{name}.zip").is_file() and not (root / name).is_dir() for name in names):
+        raise _not_found(root, names, what)
+
+
+def _not_found(root: Path, names: Sequence[str], what: str) -> FileNotFoundError:
+    expected = " and ".join(f"{name}.zip" for name in names)
+    missing = [name for name in names if not (root / f"{name}.zip").is_file() and not (root / name).is_dir()]
+    listed = ", ".join(f"{root / name}.zip (nor the folder {root / name}/)" for name in missing)
+    return FileNotFoundError(
+        f"omniglot: {what} needs {expected} (or the unpacked folders of the same names) in {root}; not found: "
+        f"{listed}. The files come from {OFFICIAL_REPOSITORY}."
+    )
 
 
 def _render(png: bytes, render: str) -> np.ndarray:
@@ -316,3 +338,48 @@ def render_like_digits(ink: np.ndarray) -> np.ndarray:
     square[top : top + height, left : left + width] = crop
     bitmap = np.asarray(Image.fromarray(square.astype(np.uint8) * 255).resize((32, 32), Image.BILINEAR)) > 64
     return bitmap.reshape(8, 4, 8, 4).sum(axis=(1, 3))
+
+
+def _digits_with_omniglot_classes(options: SourceOptions) -> list[str]:
+    return digits_with_omniglot_class_names(options.root, options.classes)
+
+
+def _digits_with_omniglot_pools(options: SourceOptions) -> ClassificationPools:
+    images, labels, names = digits_with_omniglot(options.root, options.classes, "train")
+    test_images, test_labels, _ = digits_with_omniglot(options.root, options.classes, "test")
+    return ClassificationPools(names, LabelledImages(images, labels), LabelledImages(test_images, test_labels), None,
+                               partial(digits.selection_ids, options.classes, len(labels)))
+
+
+def _background_classes(options: SourceOptions) -> list[str]:
+    return omniglot_background_class_names(options.root)
+
+
+def _background_pools(options: SourceOptions) -> ClassificationPools:
+    images, labels, names, files = omniglot_background_part(options.root, "train")
+    test_images, test_labels, _, _ = omniglot_background_part(options.root, "test")
+    return ClassificationPools(names, LabelledImages(images, labels), LabelledImages(test_images, test_labels), None,
+                               partial(list, files))
+
+
+_ROOT_HELP = "the folder of images_background_small1.zip and images_background_small2.zip or their folders"
+# Pretraining data for the digits task: the digits of ``classes`` and every background-small character rendered
+# like a digit; the test split holds only the digits.
+DIGITS_WITH_OMNIGLOT = ClassificationSource(
+    name="digits+omniglot",
+    list_classes=_digits_with_omniglot_classes,
+    read=_digits_with_omniglot_pools,
+    selection_column="digits_index",
+    root_help=_ROOT_HELP,
+    preprocessing=digits.STROKE_PREPROCESSING,
+)
+# Pretraining data for the one-shot runs: drawers 1-16 of every background-small character, drawers 17-20 as the
+# test split. The random affine is on: a new drawer writes the character slanted and placed differently.
+OMNIGLOT = ClassificationSource(
+    name="omniglot",
+    list_classes=_background_classes,
+    read=_background_pools,
+    selection_column="omniglot_file",
+    root_help=_ROOT_HELP,
+    preprocessing={**digits.STROKE_PREPROCESSING, "affine": True},
+)

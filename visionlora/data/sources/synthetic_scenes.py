@@ -25,10 +25,13 @@ import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .base import DetectionSource
 
 logger = logging.getLogger(__name__)
 
@@ -362,3 +365,22 @@ def _contrasting(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
             break
         colour = rng.uniform(0, 255, 3)
     return colour.astype(np.uint8)
+
+
+def _categories(classes: tuple[str, ...], annotations: Path) -> tuple[None, list[str]]:
+    """The classes of generated scenes, known before they exist (category ids are ``1..C``, nothing to check)."""
+    return None, list(classes)
+
+
+SYNTHETIC = DetectionSource(name="synthetic", categories=partial(_categories, CLASS_NAMES),
+                            default_root=DEFAULT_ROOT, scenes={"classes": CLASS_NAMES})
+# The same scenes seen by a grey, noisy camera: a domain shift.
+SYNTHETIC_NIGHT = DetectionSource(name="synthetic_night", categories=partial(_categories, CLASS_NAMES),
+                                  default_root=NIGHT_ROOT, scenes={"classes": CLASS_NAMES, "camera": "night"})
+# The six disjoint base shapes, 2000 training images, for pretraining a backbone.
+SYNTHETIC_BASE = DetectionSource(
+    name="synthetic_base",
+    categories=partial(_categories, BASE_CLASS_NAMES),
+    default_root=BASE_ROOT,
+    scenes={"classes": BASE_CLASS_NAMES, "splits": BASE_SPLITS, "seed": BASE_SEED},
+)
