@@ -16,7 +16,15 @@ from .classification.imagefolder import (
     imagefolder_classes,
     scan_imagefolder,
 )
-from .classification.presets import IMAGENET_MEAN, IMAGENET_STD, data_config_from_model, eval_transform, train_transform
+from .classification.presets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    data_config_from_model,
+    eval_transform,
+    eval_transform_from,
+    train_transform,
+    train_transform_from,
+)
 from .classification.sampling import sample_k_shot, stratified_split, write_selection
 from .detection.coco import CocoSplit, DetectionRecord, load_coco
 from .detection.datamodule import CocoDetectionDataModule
@@ -42,12 +50,14 @@ __all__ = [
     "digits_indices",
     "digits_split",
     "eval_transform",
+    "eval_transform_from",
     "find_bad_images",
     "imagefolder_classes",
     "sample_k_shot",
     "scan_imagefolder",
     "stratified_split",
     "train_transform",
+    "train_transform_from",
     "write_selection",
     "CocoSplit",
     "DetectionRecord",

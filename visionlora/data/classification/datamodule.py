@@ -28,19 +28,15 @@ from .presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     INTERPOLATION_NAME,
-    eval_transform,
+    eval_transform_from,
     normalize_data_config,
-    train_transform,
+    train_transform_from,
 )
 from .sampling import sample_k_shot, stratified_split, write_selection
 
 logger = logging.getLogger(__name__)
 
 SELECTION_FILE = "fewshot_selection.csv"
-# The random affine of ``affine=True``: about how much people's drawings of one Omniglot character differ in slant,
-# rotation, position and size. Pretraining test_resnet on Omniglot at 56 px for 20 epochs, it cut the nearest-class-
-# mean 1-shot error on the 20 official runs from 14.8% to 10.3%.
-AFFINE = {"rotate": (-15.0, 15.0), "shear": (-10.0, 10.0), "translate_percent": (-0.08, 0.08), "scale": (0.9, 1.1)}
 
 
 class _Resolved:
@@ -95,7 +91,7 @@ class FewShotDataModule(L.LightningDataModule):
             is not that character), on otherwise.
         crop_scale: Area range of the training random resized crop; ``None``: (0.85, 1.0) for digits and
             Omniglot, (0.6, 1.0) otherwise.
-        affine: Random affine in training, before the crop (``AFFINE``: rotation ±15°, shear ±10°, shift ±8%,
+        affine: Random affine in training, before the crop (``presets.AFFINE``: rotation ±15°, shear ±10°, shift ±8%,
             scale ±10%; uncovered borders are black, the Omniglot background); ``None``: on for Omniglot (a new
             drawer writes the character slanted and placed differently), off otherwise.
         val_fraction: Share of each class's training pool, after removing the chosen shots, used for
@@ -217,10 +213,7 @@ class FewShotDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches with seeded augmentation (order and augmentation repeat for a given seed)."""
-        prep = self.preprocessing
-        transform = train_transform(prep["image_size"], prep["mean"], prep["std"], prep["crop_scale"], prep["hflip"])
-        if prep["affine"]:
-            transform = with_random_affine(transform)
+        transform = train_transform_from(self.preprocessing)
         seed_transform(transform, self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         return self._loader("train", transform, self.batch_size, shuffle=True, generator=generator)
@@ -298,8 +291,7 @@ class FewShotDataModule(L.LightningDataModule):
         return [{column: ids[i], "label": int(pool.labels[i]), "class_name": names[pool.labels[i]]} for i in train_idx]
 
     def _eval_transform(self):
-        prep = self.preprocessing
-        return eval_transform(prep["image_size"], prep["mean"], prep["std"], prep["crop_pct"])
+        return eval_transform_from(self.preprocessing)
 
     def _require_setup(self) -> dict[str, FewShotDataset]:
         if self._parts is None:
@@ -354,13 +346,6 @@ def _classes_in_turn(labels: np.ndarray, n: int) -> list[int]:
         members = labels == label
         rank[members] = np.arange(members.sum())
     return [int(i) for i in np.lexsort((labels, rank))[:n]]
-
-
-def with_random_affine(transform):
-    """``transform`` preceded by the random affine ``AFFINE``."""
-    import albumentations as A  # here rather than at the top: .presets, imported first, sets its import options
-
-    return A.Compose([A.Affine(**AFFINE, fill=0, p=1.0), *transform.transforms])
 
 
 def _first(*values):
