@@ -101,3 +101,24 @@ def test_night_scenes_are_their_own_dataset(tmp_path):
     assert info["camera"] == "night"
     module = CocoDetectionDataModule("synthetic_night")
     assert module.root == Path("data/synthetic_scenes_night") and module.num_classes == 6
+
+
+@pytest.mark.parametrize("other_seed, wins", [(0, True), (1, False)])
+def test_ensure_when_another_process_finished_first(tmp_path, monkeypatch, other_seed, wins):
+    root, splits = tmp_path / "scenes", {"train": 2}
+    generate = synthetic_scenes.generate_scenes
+
+    def racing(*args, **kwargs):
+        # While this call generates, "another process" publishes the same root (with the same or other settings).
+        monkeypatch.setattr(synthetic_scenes, "generate_scenes", generate)
+        ensure_synthetic_scenes(root, splits, image_size=64, seed=other_seed)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic_scenes, "generate_scenes", racing)
+    if wins:
+        assert ensure_synthetic_scenes(root, splits, image_size=64, seed=0) == root
+    else:
+        with pytest.raises(ValueError, match="scenes exists but holds"):
+            ensure_synthetic_scenes(root, splits, image_size=64, seed=0)
+    assert json.loads((root / "generation.json").read_text())["seed"] == other_seed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scenes"]  # our staging folder is gone

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ...files import staged_folder
 from .base import DetectionSource
 
 logger = logging.getLogger(__name__)
@@ -218,22 +217,18 @@ def ensure_synthetic_scenes(
         wanted["camera"] = camera
     if root.exists():
         return _check_marker(root, wanted)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        for split, count in wanted["splits"].items():
-            generate_scenes(tmp, count, image_size, seed, split, tuple(classes), camera)
-        (tmp / MARKER_FILE).write_text(json.dumps(wanted, indent=2), encoding="utf-8")
-        os.rename(tmp, root)
+        with staged_folder(root) as staging:
+            for split, count in wanted["splits"].items():
+                generate_scenes(staging, count, image_size, seed, split, tuple(classes), camera)
+            (staging / MARKER_FILE).write_text(json.dumps(wanted, indent=2), encoding="utf-8")
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # staged_folder has removed its folder. If another process finished first, the move onto its folder failed
+        # (FileExistsError, or ENOTEMPTY when it appeared mid-move); its folder is as good as ours if the settings
+        # match.
         if not root.exists():
             raise
-        # Another process finished first; its folder is as good as ours if the settings match.
         return _check_marker(root, wanted)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("synthetic_scenes: generated %s under %s", wanted["splits"], root)
     return root
 
