@@ -87,7 +87,7 @@ def omniglot_background(root: str | Path, splits: tuple[str, ...] = BACKGROUND_S
 
 def omniglot_background_class_names(root: str | Path, splits: tuple[str, ...] = BACKGROUND_SMALL) -> list[str]:
     """The class names of :func:`omniglot_background`, in label order, from the file names alone (nothing decoded)."""
-    _require(Path(root), splits, "the background data")
+    _require(Path(root), splits, "the background data needs")
     names: dict[str, None] = {}
     for split in splits:
         for member in _split_members(Path(root), split):
@@ -209,7 +209,7 @@ def _read_background(root: Path, splits: tuple[str, ...], render: str
                      ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Images, labels, class names and archive paths (``split/alphabet/char/file.png``) of the given splits."""
     _check_render(render)
-    _require(root, splits, "the background data")
+    _require(root, splits, "the background data needs")
     images, labels, names, files = [], [], {}, []
     for split in splits:
         for member, data in _split_pngs(root, split):
@@ -247,7 +247,7 @@ def _split_members(root: Path, split: str) -> list[str]:
             return sorted(m for m in handle.namelist() if m.endswith(".png"))
     if folder.is_dir():
         return sorted(str(path.relative_to(root)) for path in folder.rglob("*.png"))
-    raise _not_found(root, (split,), "the background data")
+    raise _not_found(root, (split,), "the background data needs")
 
 
 def _split_pngs(root: Path, split: str) -> Iterator[tuple[str, bytes]]:
@@ -270,22 +270,27 @@ def _read_tree(root: Path, name: str) -> tuple[Path, dict[str, bytes]]:
             return archive, {m: handle.read(m) for m in handle.namelist() if not m.endswith("/")}
     if folder.is_dir():
         return folder, {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    raise _not_found(root, (name,), "the one-shot runs")
+    raise _not_found(root, (name,), "the one-shot runs need")
 
 
-def _require(root: Path, names: Sequence[str], what: str) -> None:
+def _require(root: Path, names: Sequence[str], needed_by: str) -> None:
     """Raise, naming every expected archive, unless ``<name>.zip`` or the folder ``<name>/`` exists for each name."""
-    if any(not (root / f"{name}.zip").is_file() and not (root / name).is_dir() for name in names):
-        raise _not_found(root, names, what)
+    if not all(_present(root, name) for name in names):
+        raise _not_found(root, names, needed_by)
 
 
-def _not_found(root: Path, names: Sequence[str], what: str) -> FileNotFoundError:
+def _present(root: Path, name: str) -> bool:
+    return (root / f"{name}.zip").is_file() or (root / name).is_dir()
+
+
+def _not_found(root: Path, names: Sequence[str], needed_by: str) -> FileNotFoundError:
+    """The error for missing archives: every file ``needed_by`` needs, which are missing, and where they come from."""
     expected = " and ".join(f"{name}.zip" for name in names)
-    missing = [name for name in names if not (root / f"{name}.zip").is_file() and not (root / name).is_dir()]
-    listed = ", ".join(f"{root / name}.zip (nor the folder {root / name}/)" for name in missing)
+    missing = ", ".join(f"{root / name}.zip (nor the folder {root / name}/)" for name in names
+                        if not _present(root, name))  # fmt: skip
     return FileNotFoundError(
-        f"omniglot: {what} needs {expected} (or the unpacked folders of the same names) in {root}; not found: "
-        f"{listed}. The files come from {OFFICIAL_REPOSITORY}."
+        f"omniglot: {needed_by} {expected} (or an unpacked folder of the same name for each) in {root}; not found: "
+        f"{missing}. The files come from {OFFICIAL_REPOSITORY}."
     )
 
 
