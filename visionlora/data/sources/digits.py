@@ -6,6 +6,7 @@ The 1,797 real 8x8 scans of UCI's "Optical Recognition of Handwritten Digits" se
 "Low-shot Visual Recognition by Shrinking and Hallucinating Features", arXiv:1606.02819): a backbone may be trained
 on the base classes and then adapted with k shots per novel class. Each class is split once, 50/50 and stratified,
 into a training pool and a test set with a fixed seed, so the test set never changes with the few-shot seed.
+Registered as the classification source ``digits`` (:data:`DIGITS`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ Renders (every one returns ink bright on black, ``[H, W, 3]`` uint8):
 The 20 official one-shot runs (``all_runs.zip``) are each a 20-way 1-shot problem inside one evaluation alphabet:
 one training image of each of 20 characters and 20 test images drawn by other people. The archive renames every
 file (``runNN/training/classKK.png``), so the alphabet of a run is not recoverable from it.
+
+Registered as the classification sources ``digits+omniglot`` and ``omniglot`` (bottom of the file).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ Six other classes, :data:`BASE_CLASS_NAMES` (pentagon, hexagon, ellipse, arrow, 
 disjoint *base* dataset for pretraining a backbone before few-shot fine-tuning on the six *novel* classes above,
 as in TFA's base/novel split (Wang et al. 2020, "Frustratingly Simple Few-Shot Object Detection",
 arXiv:2003.06957): related outlines and textures, never the target classes themselves.
+
+Registered as the detection sources ``synthetic``, ``synthetic_night`` and ``synthetic_base`` (bottom of the file).
 """
 
 from __future__ import annotations
