@@ -226,8 +226,8 @@ class _FakeFlowers:
 def test_torchvision_fgvc_sets_run_through_the_kshot_protocol(tmp_path, monkeypatch):
     from PIL import Image
 
-    import visionlora.data.torchvision_sets as tv
-    from visionlora.benchmark.protocols import TorchvisionDataModule
+    import visionlora.data.sources.torchvision_sets as tv
+    from visionlora.data import FewShotDataModule as TorchvisionDataModule  # the benchmark no longer subclasses it
 
     for split, count in (("train", 12), ("test", 6)):
         for i in range(count):
@@ -243,7 +243,7 @@ def test_torchvision_fgvc_sets_run_through_the_kshot_protocol(tmp_path, monkeypa
 
 
 def test_torchvision_set_missing_or_unknown_is_named(tmp_path):
-    from visionlora.data.torchvision_sets import torchvision_split
+    from visionlora.data.sources.torchvision_sets import torchvision_split
 
     with pytest.raises(FileNotFoundError, match="OxfordIIITPet not found under"):
         torchvision_split("pets", tmp_path, "train")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from visionlora.data import FewShotDataModule
-from visionlora.data.omniglot import (
+from visionlora.data.sources.omniglot import (
     CENTRED_SIDE,
     omniglot_background_class_names,
     omniglot_background_part,
@@ -180,7 +180,7 @@ def test_bundled_resnet_omniglot_one_shot_error_matches_its_model_card(runs):
     """Cosine nearest class mean on the frozen bundled backbone: 43 of the 400 test items wrong (10.75%)."""
     import timm
 
-    from visionlora.data.presets import data_config_from_model, eval_transform
+    from visionlora.data.classification.presets import data_config_from_model, eval_transform
     from visionlora.tasks.prototypes import nearest_class_mean, pooled_features
 
     weights = ROOT / "data/weights/resnet_omniglot"

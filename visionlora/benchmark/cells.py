@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from visionlora.data import FewShotDataset, eval_transform, train_transform
-from visionlora.data.datamodule import with_random_affine
-from visionlora.data.presets import seed_transform
+from visionlora.data import FewShotDataset, eval_transform_from, train_transform_from
+from visionlora.data.common import seed_transform
 from visionlora.tasks import LoraClassifier
 from visionlora.tasks.optim import adamw_warmup_cosine
 
@@ -137,10 +136,7 @@ def has_attention(backbone: Backbone) -> bool:
 def train_steps(module: LoraClassifier, spec: MethodSpec, data: CellData, preprocessing: dict, budget: Budget,
                 seed: int) -> None:
     """``budget.steps`` AdamW steps on augmented training batches, cycling through the shuffled images."""
-    transform = train_transform(preprocessing["image_size"], preprocessing["mean"], preprocessing["std"],
-                                tuple(preprocessing["crop_scale"]), preprocessing["hflip"])
-    if preprocessing.get("affine"):  # the data module's random affine (Omniglot), as in its training loader
-        transform = with_random_affine(transform)
+    transform = train_transform_from(preprocessing)  # the data module's, random affine (Omniglot) included
     seed_transform(transform, seed)
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(budget.batch_size, len(data.train_labels))
@@ -222,8 +218,7 @@ def _head_size(module: LoraClassifier) -> int:
 
 
 def _eval(preprocessing: dict):
-    return eval_transform(preprocessing["image_size"], preprocessing["mean"], preprocessing["std"],
-                          preprocessing["crop_pct"])
+    return eval_transform_from(preprocessing)
 
 
 def _loader(images, labels, transform, batch_size: int, shuffle: bool = False, generator=None) -> DataLoader:

@@ -15,14 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from visionlora.data import FewShotDataModule, FewShotDataset, sample_k_shot
-from visionlora.data.omniglot import omniglot_one_shot_runs
-from visionlora.data.torchvision_sets import torchvision_split
+from visionlora.data import FewShotDataModule, sample_k_shot
+from visionlora.data.sources.omniglot import omniglot_one_shot_runs
 
 from .cells import CellData
 
 PROTOCOLS = ("kshot", "episodic", "omniglot")
-TORCHVISION = "torchvision:"
 
 
 @dataclass(frozen=True)
@@ -37,31 +35,10 @@ class CellKey:
 def data_module(dataset: str, root: str | None, classes: str) -> FewShotDataModule:
     """The dataset's whole training pool and test split (shots drawn here, not by the module).
 
-    ``dataset`` is a ``FewShotDataModule`` dataset, or ``torchvision:<name>`` for the FGVC suite
-    (``pets``, ``flowers102``, ``aircraft``, ``food101``, ``cars``) under ``root`` in torchvision's layout.
+    ``dataset`` is any ``FewShotDataModule`` dataset, ``torchvision:<name>`` for the FGVC suite (``pets``,
+    ``flowers102``, ``aircraft``, ``food101``, ``cars``, under ``root`` in torchvision's layout) included.
     """
-    if dataset.startswith(TORCHVISION):
-        return TorchvisionDataModule(dataset.removeprefix(TORCHVISION), root)
     return FewShotDataModule(dataset=dataset, root=root, classes=classes, shots=None, val_fraction=0.0)
-
-
-class TorchvisionDataModule(FewShotDataModule):
-    """A ``FewShotDataModule`` (ImageFolder-like preprocessing) whose images come from a torchvision dataset."""
-
-    def __init__(self, name: str, root: str | None) -> None:
-        if root is None:
-            raise ValueError(f"torchvision:{name} needs root (the folder torchvision's {name} dataset lives in)")
-        train, self._train_labels, names = torchvision_split(name, root, "train")
-        test, test_labels, _ = torchvision_split(name, root, "test")
-        self._torchvision = (train, test, test_labels, names)
-        super().__init__(dataset="imagefolder", root=str(root), shots=None, val_fraction=0.0)
-
-    def _list_classes(self) -> list[str]:
-        return self._torchvision[3]
-
-    def _load_imagefolder(self):
-        train, test, test_labels, _ = self._torchvision
-        return FewShotDataset(train, self._train_labels), FewShotDataset(test, test_labels), None
 
 
 def kshot_cells(data: FewShotDataModule, shots: list[int], seeds: list[int]) -> Iterator[tuple[CellKey, CellData]]:

@@ -2,15 +2,22 @@
 
 Oxford-IIIT Pets, Flowers-102, FGVC-Aircraft, Food-101 and Stanford Cars, as used by the FGVC few-shot protocol
 (e.g. Jie & Deng 2022, arXiv:2207.07039). torchvision checks the files and parses the official split lists; the
-image paths and labels are taken from the dataset object so images are read lazily like any ImageFolder.
+image paths and labels are taken from the dataset object so images are read lazily like any ImageFolder. Each set
+is registered as the source ``torchvision:<name>``.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torchvision
+
+from .base import ClassificationPools, ClassificationSource, LabelledImages, SourceOptions
+from .imagefolder import relative_paths
+
+PREFIX = "torchvision:"
 
 # benchmark name -> (torchvision class, constructor arguments of the training pool, of the test split)
 SETS: dict[str, tuple[str, dict, dict]] = {
@@ -51,3 +58,27 @@ def _files_and_labels(dataset) -> tuple[list[str], np.ndarray]:
         paths = getattr(dataset, "_image_files", None) or dataset._images
         labels = dataset._labels
     return [str(p) for p in paths], np.asarray(labels, dtype=np.int64)
+
+
+def _list_classes(name: str, options: SourceOptions) -> list[str]:
+    return torchvision_split(name, options.root, "train")[2]
+
+
+def _read(name: str, options: SourceOptions) -> ClassificationPools:
+    train, labels, names = torchvision_split(name, options.root, "train")
+    test, test_labels, _ = torchvision_split(name, options.root, "test")
+    return ClassificationPools(names, LabelledImages(train, labels), LabelledImages(test, test_labels), None,
+                               partial(relative_paths, train, options.root))
+
+
+# Registered as ``torchvision:<name>``; preprocessing as for any ImageFolder of photos.
+SOURCES = tuple(
+    ClassificationSource(
+        name=f"{PREFIX}{name}",
+        list_classes=partial(_list_classes, name),
+        read=partial(_read, name),
+        selection_column="path",
+        root_help=f"the folder torchvision's {class_name} dataset lives in",
+    )
+    for name, (class_name, _, _) in SETS.items()
+)

@@ -7,10 +7,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
-from .imagefolder import load_rgb
-from .presets import seed_transform
+from ..common import load_rgb
 
 
 class FewShotDataset(Dataset):
@@ -20,7 +19,8 @@ class FewShotDataset(Dataset):
         images: ``[N, H, W, 3]`` uint8 array held in memory, or ``N`` image paths read with PIL (as RGB) on access.
         labels: ``N`` class indices.
         transform: Called as ``transform(image=array)["image"]`` (e.g. a
-            :func:`~visionlora.data.presets.train_transform`); ``None`` returns the uint8 ``H x W x 3`` tensor.
+            :func:`~visionlora.data.classification.presets.train_transform`); ``None`` returns the uint8
+            ``H x W x 3`` tensor.
     """
 
     def __init__(
@@ -48,14 +48,3 @@ class FewShotDataset(Dataset):
             return torch.from_numpy(np.array(image)), label
         return self.transform(image=image)["image"], label
 
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: give each worker's augmentation its own reproducible random stream.
-
-    Without it, every worker would hold a copy of the same albumentations generator state and apply identical
-    augmentations. ``info.seed`` comes from the loader's seeded generator, so runs stay reproducible.
-    """
-    info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_state"):
-        seed_transform(transform, info.seed % 2**32)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from visionlora.data import find_bad_images, imagefolder_classes, scan_imagefolder
-from visionlora.data.imagefolder import load_rgb
+from visionlora.data.common import load_rgb
 
-from .conftest import CLASS_SIZES, CORRUPT, make_class_folders, write_png
+from ..conftest import CLASS_SIZES, CORRUPT, make_class_folders, write_png
 
 
 def test_classes_from_folder_names(folder_root):
@@ -19,7 +19,7 @@ def test_classes_from_folder_names(folder_root):
 
 
 def test_skip_counts_and_excludes_the_corrupt_file(folder_root, caplog):
-    with caplog.at_level(logging.WARNING, logger="visionlora.data.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="visionlora.data.classification.imagefolder"):
         found = scan_imagefolder(folder_root)
     assert found.bad_images == [folder_root / CORRUPT]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

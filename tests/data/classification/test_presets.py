@@ -7,8 +7,17 @@ import pytest
 import timm
 import torch
 
-from visionlora.data import IMAGENET_MEAN, IMAGENET_STD, data_config_from_model, eval_transform, train_transform
-from visionlora.data.presets import seed_transform
+from visionlora.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FewShotDataModule,
+    data_config_from_model,
+    eval_transform,
+    eval_transform_from,
+    train_transform,
+    train_transform_from,
+)
+from visionlora.data.common import seed_transform
 
 
 def _apply(transform, image: np.ndarray) -> torch.Tensor:
@@ -91,3 +100,26 @@ def test_data_config_from_timm_model():
         "std": (0.5, 0.5, 0.5),
         "crop_pct": 0.95,
     }
+
+
+def test_transforms_from_preprocessing_match_the_explicit_pipelines():
+    prep = {"image_size": 20, "mean": [0.3, 0.3, 0.3], "std": (0.4, 0.4, 0.4), "crop_pct": 0.9,
+            "crop_scale": [0.7, 1.0], "hflip": False}
+    image = np.random.default_rng(1).integers(0, 256, (30, 26, 3), dtype=np.uint8)
+    torch.testing.assert_close(_apply(eval_transform_from(prep), image),
+                               _apply(eval_transform(20, prep["mean"], prep["std"], 0.9), image))
+    plain, explicit = train_transform_from(prep), train_transform(20, prep["mean"], prep["std"], (0.7, 1.0), False)
+    seed_transform(plain, 5)
+    seed_transform(explicit, 5)
+    torch.testing.assert_close(_apply(plain, image), _apply(explicit, image))
+    steps = [type(step).__name__ for step in train_transform_from({**prep, "affine": True}).transforms]
+    assert steps == ["Affine", "RandomResizedCrop", "ColorJitter", "Normalize", "ToTensorV2"]
+    assert [type(step).__name__ for step in plain.transforms][0] == "RandomResizedCrop"
+
+
+def test_data_module_and_benchmark_share_the_training_transform():
+    data = FewShotDataModule(dataset="digits", image_size=16, affine=True, shots=1)
+    data.setup()
+    loader_steps = [type(step).__name__ for step in data.train_dataloader().dataset.transform.transforms]
+    assert loader_steps == [type(step).__name__ for step in train_transform_from(data.preprocessing).transforms]
+    assert loader_steps[0] == "Affine"

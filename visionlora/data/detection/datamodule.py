@@ -5,7 +5,7 @@ torchvision detector normalises) and a list of dicts with ``boxes`` float32 ``[N
 y1`` pixels of the transformed image), ``labels`` int64 ``[N]`` in ``1..num_classes`` (0 is the background) and
 ``image_id`` int64 scalar. Training images come out ``image_size`` square; evaluation images keep their aspect
 ratio with the longer side ``image_size``. The training set is drawn with TFA's K-instance sampler
-(:mod:`~visionlora.data.detection_sampling`); validation and test sets are used whole and never depend on
+(:mod:`~visionlora.data.detection.sampling`); validation and test sets are used whole and never depend on
 ``seed``.
 """
 
@@ -18,32 +18,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .coco import BAD_POLICIES, CocoSplit, DetectionRecord, load_coco, read_coco_categories
-from .dataset import seed_worker
-from .detection_dataset import DetectionDataset, collate_detection
-from .detection_presets import DEFAULT_SCALE, eval_detection_transform, train_detection_transform
-from .detection_sampling import InstanceSample, sample_k_instances, write_fewshot_selection
-from .presets import seed_transform
-from .synthetic_scenes import (
-    BASE_CLASS_NAMES,
-    BASE_ROOT,
-    BASE_SEED,
-    BASE_SPLITS,
-    CLASS_NAMES,
-    DEFAULT_ROOT,
-    NIGHT_ROOT,
-    ensure_synthetic_scenes,
-)
+from ..common import seed_transform, seed_worker
+from ..sources import DetectionSource, detection_source
+from ..sources.synthetic_scenes import ensure_synthetic_scenes
+from .coco import BAD_POLICIES, CocoSplit, DetectionRecord, load_coco
+from .dataset import DetectionDataset, collate_detection
+from .presets import DEFAULT_SCALE, eval_detection_transform, train_detection_transform
+from .sampling import InstanceSample, sample_k_instances, write_fewshot_selection
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "synthetic_night", "synthetic_base", "coco")
-# The embedded datasets: default root and the ensure_synthetic_scenes arguments that generate them.
-SYNTHETIC = {
-    "synthetic": (DEFAULT_ROOT, {"classes": CLASS_NAMES}),
-    "synthetic_night": (NIGHT_ROOT, {"classes": CLASS_NAMES, "camera": "night"}),
-    "synthetic_base": (BASE_ROOT, {"classes": BASE_CLASS_NAMES, "splits": BASE_SPLITS, "seed": BASE_SEED}),
-}
 SPLITS = ("train", "val", "test")
 SELECTION_FILE = "fewshot_selection.json"
 
@@ -58,7 +42,8 @@ class CocoDetectionDataModule(L.LightningDataModule):
     which Lightning skips).
 
     Args:
-        dataset: ``"synthetic"`` (the embedded shapes scenes, generated under ``root`` on first use, about 4 s),
+        dataset: A registered detection source (:func:`~visionlora.data.sources.detection_source_names`):
+            ``"synthetic"`` (the embedded shapes scenes, generated under ``root`` on first use, about 4 s),
             ``"synthetic_night"`` (the same scenes seen by a grey, noisy camera: a domain shift),
             ``"synthetic_base"`` (the same scenes with the six disjoint base shapes, 2000 training images, for
             pretraining a backbone; about 20 s to generate) or ``"coco"`` (any COCO-format detection data).
@@ -81,8 +66,8 @@ class CocoDetectionDataModule(L.LightningDataModule):
             scenes are 128 px; photos want 512 or more.
         hflip: Random horizontal flips in training.
         scale: Range of the random rescale in training (see
-            :func:`~visionlora.data.detection_presets.train_detection_transform`).
-        on_bad: ``"drop"`` or ``"error"``: what :func:`~visionlora.data.coco.load_coco` does with bad
+            :func:`~visionlora.data.detection.presets.train_detection_transform`).
+        on_bad: ``"drop"`` or ``"error"``: what :func:`~visionlora.data.detection.coco.load_coco` does with bad
             annotations and missing image files.
         keep_empty_images: With ``shots=None``, keep training images that have no annotation (as negatives).
             The K-instance draw never picks them; validation and test always keep them.
@@ -124,18 +109,16 @@ class CocoDetectionDataModule(L.LightningDataModule):
             "val": (val_annotations, val_images),
             "test": (test_annotations, test_images),
         }
-        if dataset in SYNTHETIC:
+        source = self._source
+        if source.generated:
             if any(path is not None for pair in explicit.values() for path in pair):
                 raise ValueError(f"CocoDetectionDataModule: split paths are for dataset='coco'; {dataset} uses root")
-            default_root, generation = SYNTHETIC[dataset]
-            self.root = Path(root or default_root)
-            self._class_names = list(generation["classes"])
+            self.root = Path(root or source.default_root)
         else:
             self.root = Path(root) if root is not None else None
         self._paths = {split: self._split_paths(split, *pair) for split, pair in explicit.items()}
-        if dataset == "coco":
-            # Only the categories are read now (cheap), so the model can be built before setup.
-            self._category_ids, self._class_names = read_coco_categories(self._paths["train"][0])
+        # Only the categories are read now (cheap), so the model can be built before setup.
+        self._category_ids, self._class_names = source.categories(self._paths["train"][0])
         self._parts: dict[str, list[DetectionRecord]] | None = None
         self.selection: InstanceSample | None = None
 
@@ -151,8 +134,9 @@ class CocoDetectionDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Generate the synthetic scenes if they are not there yet (Lightning calls this on one process)."""
-        if self.dataset in SYNTHETIC:
-            ensure_synthetic_scenes(self.root, **SYNTHETIC[self.dataset][1])
+        scenes = self._source.scenes
+        if scenes is not None:
+            ensure_synthetic_scenes(self.root, **scenes)
 
     def setup(self, stage: str | None = None) -> None:
         """Read and check every split and draw the K-shot training set; runs once, later calls return."""
@@ -222,11 +206,12 @@ class CocoDetectionDataModule(L.LightningDataModule):
             return Path(annotations), Path(images)
         if self.root is None:
             if split == "train":
-                raise ValueError("CocoDetectionDataModule: dataset='coco' needs root or train_annotations/train_images")
+                raise ValueError(f"CocoDetectionDataModule: dataset={self.dataset!r} needs root or "
+                                 "train_annotations/train_images")
             return None
         json_path = self.root / split / "annotations.json"
         # The synthetic scenes may not be generated yet; their layout is known, so every split is expected.
-        if self.dataset in SYNTHETIC or split == "train" or json_path.is_file():
+        if self._source.generated or split == "train" or json_path.is_file():
             return json_path, self.root / split / "images"
         return None
 
@@ -239,9 +224,14 @@ class CocoDetectionDataModule(L.LightningDataModule):
                 f"CocoDetectionDataModule: categories of {json_path} ({loaded.class_names}) differ from those the "
                 f"data module was built with ({self._class_names})"
             )
-        if self.dataset == "coco" and loaded.category_ids != self._category_ids:
+        if self._category_ids is not None and loaded.category_ids != self._category_ids:
             raise ValueError(f"CocoDetectionDataModule: category ids of {json_path} differ from the training file's")
         return loaded
+
+    @property
+    def _source(self) -> DetectionSource:
+        # Looked up, not stored: the data module stays plain values, as pickling for spawned processes needs.
+        return detection_source(self.dataset)
 
     def _require_setup(self) -> dict[str, list[DetectionRecord]]:
         if self._parts is None:
@@ -264,8 +254,11 @@ class CocoDetectionDataModule(L.LightningDataModule):
 
 def _check_arguments(dataset, shots, seed, batch_size, eval_batch_size, num_workers, image_size, on_bad) -> None:
     """Raise naming the first constructor argument that is out of range."""
+    try:
+        detection_source(dataset)
+    except ValueError as error:
+        raise ValueError(f"CocoDetectionDataModule: {error}") from None
     problems = {
-        "dataset": (dataset not in DATASETS, f"must be one of {DATASETS}, got {dataset!r}"),
         "shots": (shots is not None and shots < 1, f"must be >= 1 or None, got {shots}"),
         "seed": (seed < 0, f"must be >= 0, got {seed}"),
         "batch_size": (batch_size < 1, f"must be >= 1, got {batch_size}"),

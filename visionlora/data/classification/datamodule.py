@@ -1,8 +1,10 @@
-"""``FewShotDataModule``: k-shot training sets from the embedded digits or an ImageFolder, as a LightningDataModule.
+"""``FewShotDataModule``: k-shot training sets from any registered classification source, as a LightningDataModule.
 
 The constructor takes plain typed keyword arguments so LightningCLI/jsonargparse can build it from YAML, and
-``num_classes`` is known right after construction so the CLI can link it into the model. Preprocessing follows
-the backbone (``set_data_config``) unless set explicitly.
+``num_classes`` is known right after construction so the CLI can link it into the model. What differs between
+datasets (class names, splits, selection ids, preprocessing defaults, whether a root is needed) comes from the
+source registry (:mod:`visionlora.data.sources`), looked up by ``dataset``. Preprocessing follows the backbone
+(``set_data_config``) unless set explicitly.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import digits, imagefolder, omniglot
-from .dataset import FewShotDataset, seed_worker
+from ..common import seed_transform, seed_worker
+from ..sources import ClassificationPools, ClassificationSource, LabelledImages, SourceOptions, classification_source
+from .dataset import FewShotDataset
+from .imagefolder import BAD_IMAGE_POLICIES
 from .presets import (
     DEFAULT_CROP_PCT,
     DEFAULT_IMAGE_SIZE,
@@ -24,26 +28,15 @@ from .presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     INTERPOLATION_NAME,
-    eval_transform,
+    eval_transform_from,
     normalize_data_config,
-    seed_transform,
-    train_transform,
+    train_transform_from,
 )
 from .sampling import sample_k_shot, stratified_split, write_selection
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("digits", "imagefolder", "digits+omniglot", "omniglot")
-DIGITS_LIKE = ("digits", "digits+omniglot")
-# Handwritten strokes: no centre crop (ink reaches the border), no flips (a mirrored character is another one).
-STROKE_DATASETS = (*DIGITS_LIKE, "omniglot")
 SELECTION_FILE = "fewshot_selection.csv"
-# 8x8 digits lose strokes to aggressive crops; a mild crop still varies position and thickness.
-DIGITS_SCALE: tuple[float, float] = (0.85, 1.0)
-# The random affine of ``affine=True``: about how much people's drawings of one Omniglot character differ in slant,
-# rotation, position and size. Pretraining test_resnet on Omniglot at 56 px for 20 epochs, it cut the nearest-class-
-# mean 1-shot error on the 20 official runs from 14.8% to 10.3%.
-AFFINE = {"rotate": (-15.0, 15.0), "shear": (-10.0, 10.0), "translate_percent": (-0.08, 0.08), "scale": (0.9, 1.1)}
 
 
 class _Resolved:
@@ -71,14 +64,18 @@ class FewShotDataModule(L.LightningDataModule):
     never taken from the test set.
 
     Args:
-        dataset: ``"digits"`` (scikit-learn's 8x8 handwritten digits, embedded, no download), ``"imagefolder"``
-            (``root/<class>/<images>``, or ``root/train`` + ``root/test`` and/or ``root/val``) or
+        dataset: A registered classification source (:func:`~visionlora.data.sources.classification_source_names`):
+            ``"digits"`` (scikit-learn's 8x8 handwritten digits, embedded, no download), ``"imagefolder"``
+            (``root/<class>/<images>``, or ``root/train`` + ``root/test`` and/or ``root/val``),
             ``"digits+omniglot"`` (pretraining data: the digits of ``classes`` plus every Omniglot background-small
-            character rendered like a digit; ``root`` is the folder of the Omniglot archives) or ``"omniglot"``
+            character rendered like a digit; ``root`` is the folder of the Omniglot archives), ``"omniglot"``
             (pretraining data for the Omniglot one-shot runs: all 292 background-small characters in the
             ``"centred"`` 28 px render, drawers 1-16 as the training pool and drawers 17-20 as the test set, see
-            :func:`~visionlora.data.omniglot.omniglot_background_part`; ``root`` as for ``"digits+omniglot"``).
-        root: Folder of the ImageFolder dataset or of the Omniglot archives; must be left unset for ``"digits"``.
+            :func:`~visionlora.data.sources.omniglot.omniglot_background_part`; ``root`` as for ``"digits+omniglot"``)
+            or ``"torchvision:<name>"`` (``pets``, ``flowers102``, ``aircraft``, ``food101``, ``cars``: torchvision's
+            dataset under ``root`` in its own layout, its official train(val) and test splits; no download).
+        root: Folder of the ImageFolder dataset, of the Omniglot archives or of the torchvision dataset; must be left
+            unset for ``"digits"``.
         classes: Digits only: ``"novel"`` (digits 5-9), ``"base"`` (0-4) or ``"all"`` (0-9).
         shots: Training images per class (k); ``None`` trains on the whole training pool.
         seed: Seed of the k-shot draw, the validation draw and the training shuffle and augmentation.
@@ -94,7 +91,7 @@ class FewShotDataModule(L.LightningDataModule):
             is not that character), on otherwise.
         crop_scale: Area range of the training random resized crop; ``None``: (0.85, 1.0) for digits and
             Omniglot, (0.6, 1.0) otherwise.
-        affine: Random affine in training, before the crop (``AFFINE``: rotation ±15°, shear ±10°, shift ±8%,
+        affine: Random affine in training, before the crop (``presets.AFFINE``: rotation ±15°, shear ±10°, shift ±8%,
             scale ±10%; uncovered borders are black, the Omniglot background); ``None``: on for Omniglot (a new
             drawer writes the character slanted and placed differently), off otherwise.
         val_fraction: Share of each class's training pool, after removing the chosen shots, used for
@@ -106,8 +103,8 @@ class FewShotDataModule(L.LightningDataModule):
         test_fraction: ImageFolder only: share of each class held out for testing when the folder has no
             ``train/`` + ``test/`` split; the split uses a fixed seed, not ``seed``.
         run_dir: When set, ``setup`` writes the training selection to ``<run_dir>/fewshot_selection.csv``
-            (digits: row of ``sklearn.datasets.load_digits``; ImageFolder: path relative to ``root``; Omniglot:
-            path inside the archives, ``split/alphabet/character/file.png``).
+            (digits: row of ``sklearn.datasets.load_digits``; ImageFolder and torchvision: path relative to
+            ``root``; Omniglot: path inside the archives, ``split/alphabet/character/file.png``).
     """
 
     def __init__(
@@ -147,17 +144,8 @@ class FewShotDataModule(L.LightningDataModule):
         self._backbone_config: dict = {}
         # Listing the classes now (folder names only) lets LightningCLI link num_classes into the model before
         # setup, and fails early on a wrong root.
-        self._class_names = self._list_classes()
+        self._class_names = self._source.list_classes(self._options)
         self._parts: dict[str, FewShotDataset] | None = None
-
-    def _list_classes(self) -> list[str]:
-        if self.dataset == "digits":
-            return digits.digits_class_names(self.classes)
-        if self.dataset == "digits+omniglot":
-            return omniglot.digits_with_omniglot_class_names(self.root, self.classes)
-        if self.dataset == "omniglot":
-            return omniglot.omniglot_background_class_names(self.root)
-        return imagefolder.imagefolder_classes(self.root)
 
     image_size = _Resolved()
     mean = _Resolved()
@@ -182,7 +170,7 @@ class FewShotDataModule(L.LightningDataModule):
 
         Args:
             config: Any of ``image_size``, ``mean``, ``std``, ``crop_pct`` (as from
-                :func:`~visionlora.data.presets.data_config_from_model`), or timm's
+                :func:`~visionlora.data.classification.presets.data_config_from_model`), or timm's
                 ``resolve_model_data_config(model)`` dict as is (``input_size`` gives ``image_size``).
         """
         self._backbone_config = normalize_data_config(config)
@@ -194,18 +182,15 @@ class FewShotDataModule(L.LightningDataModule):
         Keys: ``image_size``, ``mean``, ``std``, ``crop_pct``, ``hflip``, ``crop_scale``, ``affine`` and
         ``interpolation`` (always ``"bicubic"``; what an exported ``pretrained_cfg`` should state).
         """
-        is_digits = self.dataset in STROKE_DATASETS
-        given, backbone = self._explicit, self._backbone_config
+        given, source, backbone = self._explicit, self._source.preprocessing, self._backbone_config
         return {
             "image_size": _first(given["image_size"], backbone.get("image_size"), DEFAULT_IMAGE_SIZE),
             "mean": tuple(_first(given["mean"], backbone.get("mean"), IMAGENET_MEAN)),
             "std": tuple(_first(given["std"], backbone.get("std"), IMAGENET_STD)),
-            "crop_pct": _first(
-                given["crop_pct"], 1.0 if is_digits else None, backbone.get("crop_pct"), DEFAULT_CROP_PCT
-            ),
-            "hflip": _first(given["hflip"], not is_digits),
-            "crop_scale": tuple(_first(given["crop_scale"], DIGITS_SCALE if is_digits else DEFAULT_SCALE)),
-            "affine": _first(given["affine"], self.dataset == "omniglot"),
+            "crop_pct": _first(given["crop_pct"], source.get("crop_pct"), backbone.get("crop_pct"), DEFAULT_CROP_PCT),
+            "hflip": _first(given["hflip"], source.get("hflip"), True),
+            "crop_scale": tuple(_first(given["crop_scale"], source.get("crop_scale"), DEFAULT_SCALE)),
+            "affine": _first(given["affine"], source.get("affine"), False),
             "interpolation": INTERPOLATION_NAME,
         }
 
@@ -213,9 +198,9 @@ class FewShotDataModule(L.LightningDataModule):
         """Load (and for ImageFolder check) every image list and draw the shots; runs once, later calls return."""
         if self._parts is not None:
             return
-        loaders = {"digits": self._load_digits, "digits+omniglot": self._load_digits_with_omniglot,
-                   "omniglot": self._load_omniglot}
-        pool, test, val = loaders.get(self.dataset, self._load_imagefolder)()
+        pools = self._read_pools()
+        pool, test = _items(pools.train), _items(pools.test)
+        val = _items(pools.val) if pools.val is not None else None
         train_idx = self._draw_shots(pool.labels)
         if val is None and self.val_fraction > 0:
             val, train_idx = self._draw_val(pool, train_idx)
@@ -223,14 +208,12 @@ class FewShotDataModule(L.LightningDataModule):
         if val is not None:
             self._parts["val"] = val
         if self.run_dir is not None:
-            write_selection(Path(self.run_dir) / SELECTION_FILE, self._selection_rows(pool, train_idx))
+            rows = self._selection_rows(pool, train_idx, pools.selection_ids())
+            write_selection(Path(self.run_dir) / SELECTION_FILE, rows)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches with seeded augmentation (order and augmentation repeat for a given seed)."""
-        prep = self.preprocessing
-        transform = train_transform(prep["image_size"], prep["mean"], prep["std"], prep["crop_scale"], prep["hflip"])
-        if prep["affine"]:
-            transform = with_random_affine(transform)
+        transform = train_transform_from(self.preprocessing)
         seed_transform(transform, self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         return self._loader("train", transform, self.batch_size, shuffle=True, generator=generator)
@@ -267,28 +250,22 @@ class FewShotDataModule(L.LightningDataModule):
             raise ValueError(f"FewShotDataModule has no {part!r} split; it has {sorted(self._parts)}")
         return self._parts[part]
 
-    def _load_digits(self) -> tuple[FewShotDataset, FewShotDataset, None]:
-        images, labels, _ = digits.digits_split(self.classes, "train")
-        test_images, test_labels, _ = digits.digits_split(self.classes, "test")
-        return _items(images, labels), _items(test_images, test_labels), None
+    @property
+    def _source(self) -> ClassificationSource:
+        # Looked up, not stored: the data module stays plain values, as pickling for spawned processes needs.
+        return classification_source(self.dataset)
 
-    def _load_digits_with_omniglot(self) -> tuple[FewShotDataset, FewShotDataset, None]:
-        images, labels, _ = omniglot.digits_with_omniglot(self.root, self.classes, "train")
-        test_images, test_labels, _ = omniglot.digits_with_omniglot(self.root, self.classes, "test")
-        return _items(images, labels), _items(test_images, test_labels), None
+    @property
+    def _options(self) -> SourceOptions:
+        return SourceOptions(self.root, self.classes, self.test_fraction, self.on_bad_image)
 
-    def _load_omniglot(self) -> tuple[FewShotDataset, FewShotDataset, None]:
-        images, labels, _, self._omniglot_files = omniglot.omniglot_background_part(self.root, "train")
-        test_images, test_labels, _, _ = omniglot.omniglot_background_part(self.root, "test")
-        return _items(images, labels), _items(test_images, test_labels), None
-
-    def _load_imagefolder(self) -> tuple[FewShotDataset, FewShotDataset, FewShotDataset | None]:
-        found = imagefolder.scan_imagefolder(self.root, self.test_fraction, self.on_bad_image)
-        self._class_names = found.class_names
-        val = _items(found.val.paths, found.val.labels) if found.val is not None else None
-        if val is not None and self.val_fraction > 0:
-            logger.info("FewShotDataModule: using %s/val for validation; val_fraction is ignored", self.root)
-        return _items(found.train.paths, found.train.labels), _items(found.test.paths, found.test.labels), val
+    def _read_pools(self) -> ClassificationPools:
+        pools = self._source.read(self._options)
+        self._class_names = list(pools.class_names)
+        if pools.val is not None and self.val_fraction > 0:
+            logger.info("FewShotDataModule: using the validation split of %s under %s; val_fraction is ignored",
+                        self.dataset, self.root)  # fmt: skip
+        return pools
 
     def _draw_shots(self, labels: np.ndarray) -> list[int]:
         if self.shots is None:
@@ -308,22 +285,13 @@ class FewShotDataModule(L.LightningDataModule):
             train_idx = sorted(set(train_idx) - {int(i) for i in val_idx})
         return _subset(pool, val_idx), train_idx
 
-    def _selection_rows(self, pool: FewShotDataset, train_idx: list[int]) -> list[dict]:
-        """One CSV row per training image: what identifies it outside this package, its label and class."""
-        if self.dataset in DIGITS_LIKE:
-            # Rows past the digits are Omniglot images, numbered after them in archive order.
-            ids = [int(i) for i in digits.digits_indices(self.classes, "train")]
-            column, ids = "digits_index", ids + [-1 - i for i in range(len(pool) - len(ids))]
-        elif self.dataset == "omniglot":
-            column, ids = "omniglot_file", self._omniglot_files
-        else:
-            column, ids = "path", [Path(p).relative_to(self.root).as_posix() for p in pool.images]
-        names = self._class_names
+    def _selection_rows(self, pool: FewShotDataset, train_idx: list[int], ids: list) -> list[dict]:
+        """One CSV row per training image: what identifies it outside this package (``ids``), its label and class."""
+        column, names = self._source.selection_column, self._class_names
         return [{column: ids[i], "label": int(pool.labels[i]), "class_name": names[pool.labels[i]]} for i in train_idx]
 
     def _eval_transform(self):
-        prep = self.preprocessing
-        return eval_transform(prep["image_size"], prep["mean"], prep["std"], prep["crop_pct"])
+        return eval_transform_from(self.preprocessing)
 
     def _require_setup(self) -> dict[str, FewShotDataset]:
         if self._parts is None:
@@ -347,20 +315,22 @@ class FewShotDataModule(L.LightningDataModule):
 
 def _check_arguments(dataset, root, shots, seed, val_fraction, max_val_per_class, on_bad_image, test_fraction) -> None:
     """Raise naming the first constructor argument that is out of range."""
+    try:
+        source = classification_source(dataset)
+    except ValueError as error:
+        raise ValueError(f"FewShotDataModule: {error}") from None
+    needs = f"must be unset for {dataset!r}"
+    if source.needs_root:
+        needs = f"is required for {dataset!r} ({source.root_help})"
     problems = {
-        "dataset": (dataset not in DATASETS, f"must be one of {DATASETS}, got {dataset!r}"),
-        "root": (
-            (dataset != "digits") != (root is not None),
-            "is required for 'imagefolder' (the image folder) and 'digits+omniglot'/'omniglot' (the Omniglot "
-            "archives) and must be unset for 'digits'",
-        ),
+        "root": (source.needs_root != (root is not None), needs),
         "shots": (shots is not None and shots < 1, f"must be >= 1 or None, got {shots}"),
         "seed": (seed < 0, f"must be >= 0, got {seed}"),
         "val_fraction": (not 0.0 <= val_fraction < 1.0, f"must be in [0, 1), got {val_fraction}"),
         "max_val_per_class": (max_val_per_class < 1, f"must be >= 1, got {max_val_per_class}"),
         "on_bad_image": (
-            on_bad_image not in imagefolder.BAD_IMAGE_POLICIES,
-            f"must be one of {imagefolder.BAD_IMAGE_POLICIES}, got {on_bad_image!r}",
+            on_bad_image not in BAD_IMAGE_POLICIES,
+            f"must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}",
         ),
         "test_fraction": (not 0.0 < test_fraction < 1.0, f"must be in (0, 1), got {test_fraction}"),
     }
@@ -378,21 +348,14 @@ def _classes_in_turn(labels: np.ndarray, n: int) -> list[int]:
     return [int(i) for i in np.lexsort((labels, rank))[:n]]
 
 
-def with_random_affine(transform):
-    """``transform`` preceded by the random affine ``AFFINE``."""
-    import albumentations as A  # here rather than at the top: .presets, imported first, sets its import options
-
-    return A.Compose([A.Affine(**AFFINE, fill=0, p=1.0), *transform.transforms])
-
-
 def _first(*values):
     """The first value that is not None."""
     return next(v for v in values if v is not None)
 
 
-def _items(images, labels) -> FewShotDataset:
+def _items(images: LabelledImages) -> FewShotDataset:
     """Images and labels without a transform yet: the loaders attach the transform for their part."""
-    return FewShotDataset(images, labels, transform=None)
+    return FewShotDataset(images.images, images.labels, transform=None)
 
 
 def _subset(items: FewShotDataset, indices) -> FewShotDataset:

@@ -121,12 +121,6 @@ def find_bad_images(paths: Sequence[Path], num_threads: int = 8) -> dict[Path, s
     return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason is not None}
 
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as an ``H x W x 3`` uint8 array (grey, palette and alpha images converted to RGB)."""
-    with Image.open(path) as image:
-        return np.array(image.convert("RGB"))
-
-
 def _layout(root: Path) -> dict[str, Path | None]:
     """``{"train": folder, "test": folder | None, "val": folder | None}`` for either layout."""
     if not root.is_dir():

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 
-# albumentations checks PyPI for a newer version on every import; presets.py explains (and sets the same).
+# albumentations checks PyPI for a newer version on every import; classification/presets.py explains (and does
+# the same).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402

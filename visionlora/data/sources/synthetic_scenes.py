@@ -14,6 +14,8 @@ Six other classes, :data:`BASE_CLASS_NAMES` (pentagon, hexagon, ellipse, arrow, 
 disjoint *base* dataset for pretraining a backbone before few-shot fine-tuning on the six *novel* classes above,
 as in TFA's base/novel split (Wang et al. 2020, "Frustratingly Simple Few-Shot Object Detection",
 arXiv:2003.06957): related outlines and textures, never the target classes themselves.
+
+Registered as the detection sources ``synthetic``, ``synthetic_night`` and ``synthetic_base`` (bottom of the file).
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ...files import staged_folder
+from .base import DetectionSource
 
 logger = logging.getLogger(__name__)
 
@@ -215,22 +219,18 @@ def ensure_synthetic_scenes(
         wanted["camera"] = camera
     if root.exists():
         return _check_marker(root, wanted)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        for split, count in wanted["splits"].items():
-            generate_scenes(tmp, count, image_size, seed, split, tuple(classes), camera)
-        (tmp / MARKER_FILE).write_text(json.dumps(wanted, indent=2), encoding="utf-8")
-        os.rename(tmp, root)
+        with staged_folder(root) as staging:
+            for split, count in wanted["splits"].items():
+                generate_scenes(staging, count, image_size, seed, split, tuple(classes), camera)
+            (staging / MARKER_FILE).write_text(json.dumps(wanted, indent=2), encoding="utf-8")
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # staged_folder has removed its folder. If another process finished first, the move onto its folder failed
+        # (FileExistsError, or ENOTEMPTY when it appeared mid-move); its folder is as good as ours if the settings
+        # match.
         if not root.exists():
             raise
-        # Another process finished first; its folder is as good as ours if the settings match.
         return _check_marker(root, wanted)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("synthetic_scenes: generated %s under %s", wanted["splits"], root)
     return root
 
@@ -362,3 +362,22 @@ def _contrasting(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
             break
         colour = rng.uniform(0, 255, 3)
     return colour.astype(np.uint8)
+
+
+def _categories(classes: tuple[str, ...], annotations: Path) -> tuple[None, list[str]]:
+    """The classes of generated scenes, known before they exist (category ids are ``1..C``, nothing to check)."""
+    return None, list(classes)
+
+
+SYNTHETIC = DetectionSource(name="synthetic", categories=partial(_categories, CLASS_NAMES),
+                            default_root=DEFAULT_ROOT, scenes={"classes": CLASS_NAMES})
+# The same scenes seen by a grey, noisy camera: a domain shift.
+SYNTHETIC_NIGHT = DetectionSource(name="synthetic_night", categories=partial(_categories, CLASS_NAMES),
+                                  default_root=NIGHT_ROOT, scenes={"classes": CLASS_NAMES, "camera": "night"})
+# The six disjoint base shapes, 2000 training images, for pretraining a backbone.
+SYNTHETIC_BASE = DetectionSource(
+    name="synthetic_base",
+    categories=partial(_categories, BASE_CLASS_NAMES),
+    default_root=BASE_ROOT,
+    scenes={"classes": BASE_CLASS_NAMES, "splits": BASE_SPLITS, "seed": BASE_SEED},
+)

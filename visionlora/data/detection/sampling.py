@@ -27,20 +27,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from ...files import write_text_atomic
 from .coco import DetectionRecord
 
 logger = logging.getLogger(__name__)
 
 TFA_SHOT_LADDER = (1, 2, 3, 5, 10, 30)
 _ATTEMPTS = 100
-_STREAM = 2  # distinct from the classification sampler's streams in sampling.py
+_STREAM = 2  # distinct from the classification sampler's streams in classification/sampling.py
 
 
 @dataclass(frozen=True)
@@ -114,16 +114,8 @@ def write_fewshot_selection(
             for r in sample.records
         ],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(content, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # The bytes json.dump wrote before (no trailing newline), so existing selection files compare equal.
+    return write_text_atomic(path, json.dumps(content, indent=2))
 
 
 def _instances_per_image(records, class_names: Sequence[str] | None) -> dict[int, dict[int, int]]:

@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 
 from visionlora.data import FewShotDataModule, data_config_from_model, digits_split
 
-from .conftest import CLASS_SIZES
+from ..conftest import CLASS_SIZES
 
 
 def _digits(**kwargs) -> FewShotDataModule:

@@ -1,4 +1,4 @@
-"""A map-style detection dataset over :class:`~visionlora.data.coco.DetectionRecord` items, and its collate.
+"""A map-style detection dataset over :class:`~visionlora.data.detection.coco.DetectionRecord` items, and its collate.
 
 Each item is ``(image, target)`` in torchvision's detection convention: ``image`` a float32 ``[3, H, W]`` tensor
 with values in 0..1 (not normalised: the detector does that), ``target`` a dict with ``boxes`` float32 ``[N, 4]``
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..common import load_rgb
 from .coco import DetectionRecord
-from .imagefolder import load_rgb
 
 Target = dict[str, torch.Tensor]
 
@@ -25,7 +25,7 @@ class DetectionDataset(Dataset):
 
     Args:
         records: The images and their boxes.
-        transform: A box-aware albumentations pipeline (see :mod:`~visionlora.data.detection_presets`), called
+        transform: A box-aware albumentations pipeline (see :mod:`~visionlora.data.detection.presets`), called
             as ``transform(image=..., bboxes=..., labels=...)``; ``None`` keeps the image as it is.
     """
 

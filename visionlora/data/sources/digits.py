@@ -6,15 +6,17 @@ The 1,797 real 8x8 scans of UCI's "Optical Recognition of Handwritten Digits" se
 "Low-shot Visual Recognition by Shrinking and Hallucinating Features", arXiv:1606.02819): a backbone may be trained
 on the base classes and then adapted with k shots per novel class. Each class is split once, 50/50 and stratified,
 into a training pool and a test set with a fixed seed, so the test set never changes with the few-shot seed.
+Registered as the classification source ``digits`` (:data:`DIGITS`).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
-from .sampling import stratified_split
+from ..classification.sampling import stratified_split
+from .base import ClassificationPools, ClassificationSource, LabelledImages, SourceOptions
 
 BASE_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4)
 NOVEL_CLASSES: tuple[int, ...] = (5, 6, 7, 8, 9)
@@ -24,6 +26,11 @@ PARTS = ("train", "test")
 # Fixed for good: changing it changes every published digits number.
 SPLIT_SEED = 0
 TEST_FRACTION = 0.5
+# 8x8 digits lose strokes to aggressive crops; a mild crop still varies position and thickness.
+DIGITS_SCALE: tuple[float, float] = (0.85, 1.0)
+# Handwritten strokes (digits and Omniglot): no centre crop (ink reaches the border), no flips (a mirrored
+# character is another one), the mild crop above.
+STROKE_PREPROCESSING = {"crop_pct": 1.0, "hflip": False, "crop_scale": DIGITS_SCALE}
 
 
 def digits_class_names(classes: str = "novel") -> list[str]:
@@ -95,3 +102,34 @@ def _split() -> tuple[np.ndarray, np.ndarray]:
     for part in parts:
         part.setflags(write=False)
     return parts
+
+
+def selection_ids(classes: str, pool_size: int) -> list[int]:
+    """The selection file's ``digits_index`` of each training-pool image: its row in ``load_digits()``.
+
+    Images past the digits (the Omniglot characters of ``digits+omniglot``) are numbered -1, -2, ... in archive
+    order, so every row of the file still names one image.
+    """
+    ids = [int(i) for i in digits_indices(classes, "train")]
+    return ids + [-1 - i for i in range(pool_size - len(ids))]
+
+
+def _list_classes(options: SourceOptions) -> list[str]:
+    return digits_class_names(options.classes)
+
+
+def _read(options: SourceOptions) -> ClassificationPools:
+    images, labels, names = digits_split(options.classes, "train")
+    test_images, test_labels, _ = digits_split(options.classes, "test")
+    return ClassificationPools(names, LabelledImages(images, labels), LabelledImages(test_images, test_labels), None,
+                               partial(selection_ids, options.classes, len(labels)))
+
+
+DIGITS = ClassificationSource(
+    name="digits",
+    list_classes=_list_classes,
+    read=_read,
+    selection_column="digits_index",
+    needs_root=False,
+    preprocessing=STROKE_PREPROCESSING,
+)

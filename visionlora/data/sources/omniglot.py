@@ -1,7 +1,8 @@
 """Omniglot (Lake, Salakhutdinov & Tenenbaum 2015, Science 350(6266)) read from the official archive layout.
 
-The archives (``images_background_small1.zip``, ``images_background_small2.zip``, ``all_runs.zip``) or their
-unpacked folders are read by path; nothing is downloaded or copied. Characters are black ink on white 105x105 PNGs.
+The archives (``images_background_small1.zip``, ``images_background_small2.zip``, ``all_runs.zip``, from the
+``python/`` folder of the official repository, brendenlake/omniglot on GitHub) or their unpacked folders are read
+by path; nothing is downloaded or copied. Characters are black ink on white 105x105 PNGs.
 
 Renders (every one returns ink bright on black, ``[H, W, 3]`` uint8):
 
@@ -19,6 +20,8 @@ Renders (every one returns ink bright on black, ``[H, W, 3]`` uint8):
 The 20 official one-shot runs (``all_runs.zip``) are each a 20-way 1-shot problem inside one evaluation alphabet:
 one training image of each of 20 characters and 20 test images drawn by other people. The archive renames every
 file (``runNN/training/classKK.png``), so the alphabet of a run is not recoverable from it.
+
+Registered as the classification sources ``digits+omniglot`` and ``omniglot`` (bottom of the file).
 """
 
 from __future__ import annotations
@@ -26,15 +29,16 @@ from __future__ import annotations
 import io
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from . import digits
+from .base import ClassificationPools, ClassificationSource, LabelledImages, SourceOptions
 
 BACKGROUND_SMALL = ("images_background_small1", "images_background_small2")
 RENDERS = ("native", "digits", "centred")
@@ -49,6 +53,8 @@ RUNS_ARCHIVE = "all_runs"
 NUM_RUNS = 20
 RUN_WAYS = 20
 _DRAWER_PATTERN = re.compile(r"_(\d{2})\.png$")
+OFFICIAL_REPOSITORY = ("the official Omniglot repository (brendenlake/omniglot on GitHub, folder python/: "
+                       "https://github.com/brendenlake/omniglot/tree/master/python)")
 
 
 @dataclass(frozen=True, eq=False)  # eq on numpy fields would raise, not compare
@@ -83,6 +89,7 @@ def omniglot_background(root: str | Path, splits: tuple[str, ...] = BACKGROUND_S
 
 def omniglot_background_class_names(root: str | Path, splits: tuple[str, ...] = BACKGROUND_SMALL) -> list[str]:
     """The class names of :func:`omniglot_background`, in label order, from the file names alone (nothing decoded)."""
+    _require(Path(root), splits, "the background data needs")
     names: dict[str, None] = {}
     for split in splits:
         for member in _split_members(Path(root), split):
@@ -204,6 +211,7 @@ def _read_background(root: Path, splits: tuple[str, ...], render: str
                      ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Images, labels, class names and archive paths (``split/alphabet/char/file.png``) of the given splits."""
     _check_render(render)
+    _require(root, splits, "the background data needs")
     images, labels, names, files = [], [], {}, []
     for split in splits:
         for member, data in _split_pngs(root, split):
@@ -241,7 +249,7 @@ def _split_members(root: Path, split: str) -> list[str]:
             return sorted(m for m in handle.namelist() if m.endswith(".png"))
     if folder.is_dir():
         return sorted(str(path.relative_to(root)) for path in folder.rglob("*.png"))
-    raise FileNotFoundError(f"omniglot: neither {archive} nor {folder} exists")
+    raise _not_found(root, (split,), "the background data needs")
 
 
 def _split_pngs(root: Path, split: str) -> Iterator[tuple[str, bytes]]:
@@ -264,7 +272,28 @@ def _read_tree(root: Path, name: str) -> tuple[Path, dict[str, bytes]]:
             return archive, {m: handle.read(m) for m in handle.namelist() if not m.endswith("/")}
     if folder.is_dir():
         return folder, {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    raise FileNotFoundError(f"omniglot: neither {archive} nor {folder} exists")
+    raise _not_found(root, (name,), "the one-shot runs need")
+
+
+def _require(root: Path, names: Sequence[str], needed_by: str) -> None:
+    """Raise, naming every expected archive, unless ``<name>.zip`` or the folder ``<name>/`` exists for each name."""
+    if not all(_present(root, name) for name in names):
+        raise _not_found(root, names, needed_by)
+
+
+def _present(root: Path, name: str) -> bool:
+    return (root / f"{name}.zip").is_file() or (root / name).is_dir()
+
+
+def _not_found(root: Path, names: Sequence[str], needed_by: str) -> FileNotFoundError:
+    """The error for missing archives: every file ``needed_by`` needs, which are missing, and where they come from."""
+    expected = " and ".join(f"{name}.zip" for name in names)
+    missing = ", ".join(f"{root / name}.zip (nor the folder {root / name}/)" for name in names
+                        if not _present(root, name))  # fmt: skip
+    return FileNotFoundError(
+        f"omniglot: {needed_by} {expected} (or an unpacked folder of the same name for each) in {root}; not found: "
+        f"{missing}. The files come from {OFFICIAL_REPOSITORY}."
+    )
 
 
 def _render(png: bytes, render: str) -> np.ndarray:
@@ -274,7 +303,7 @@ def _render(png: bytes, render: str) -> np.ndarray:
     elif render == "centred":
         grey = render_centred(ink)
     else:
-        # The same 0..16 -> 0..255 scaling as visionlora.data.digits.
+        # The same 0..16 -> 0..255 scaling as visionlora.data.sources.digits.
         grey = np.rint(render_like_digits(ink) * (255.0 / 16.0)).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2)
 
@@ -316,3 +345,48 @@ def render_like_digits(ink: np.ndarray) -> np.ndarray:
     square[top : top + height, left : left + width] = crop
     bitmap = np.asarray(Image.fromarray(square.astype(np.uint8) * 255).resize((32, 32), Image.BILINEAR)) > 64
     return bitmap.reshape(8, 4, 8, 4).sum(axis=(1, 3))
+
+
+def _digits_with_omniglot_classes(options: SourceOptions) -> list[str]:
+    return digits_with_omniglot_class_names(options.root, options.classes)
+
+
+def _digits_with_omniglot_pools(options: SourceOptions) -> ClassificationPools:
+    images, labels, names = digits_with_omniglot(options.root, options.classes, "train")
+    test_images, test_labels, _ = digits_with_omniglot(options.root, options.classes, "test")
+    return ClassificationPools(names, LabelledImages(images, labels), LabelledImages(test_images, test_labels), None,
+                               partial(digits.selection_ids, options.classes, len(labels)))
+
+
+def _background_classes(options: SourceOptions) -> list[str]:
+    return omniglot_background_class_names(options.root)
+
+
+def _background_pools(options: SourceOptions) -> ClassificationPools:
+    images, labels, names, files = omniglot_background_part(options.root, "train")
+    test_images, test_labels, _, _ = omniglot_background_part(options.root, "test")
+    return ClassificationPools(names, LabelledImages(images, labels), LabelledImages(test_images, test_labels), None,
+                               partial(list, files))
+
+
+_ROOT_HELP = "the folder of images_background_small1.zip and images_background_small2.zip or their folders"
+# Pretraining data for the digits task: the digits of ``classes`` and every background-small character rendered
+# like a digit; the test split holds only the digits.
+DIGITS_WITH_OMNIGLOT = ClassificationSource(
+    name="digits+omniglot",
+    list_classes=_digits_with_omniglot_classes,
+    read=_digits_with_omniglot_pools,
+    selection_column="digits_index",
+    root_help=_ROOT_HELP,
+    preprocessing=digits.STROKE_PREPROCESSING,
+)
+# Pretraining data for the one-shot runs: drawers 1-16 of every background-small character, drawers 17-20 as the
+# test split. The random affine is on: a new drawer writes the character slanted and placed differently.
+OMNIGLOT = ClassificationSource(
+    name="omniglot",
+    list_classes=_background_classes,
+    read=_background_pools,
+    selection_column="omniglot_file",
+    root_help=_ROOT_HELP,
+    preprocessing={**digits.STROKE_PREPROCESSING, "affine": True},
+)
