@@ -2,7 +2,10 @@
 
 Standard library only, so every layer of the package can use it, ``lora/`` (torch and safetensors only) included.
 Everything is built beside its target (same folder, same file system) and moved into place with one
-``os.replace``, which POSIX makes atomic; on any failure the temporary file or folder is removed.
+``os.replace``, which POSIX makes atomic; on any failure the temporary file or folder is removed. ``tempfile``
+makes its files 0600 and folders 0700 (as safetensors does its files); what is written here gets the modes a plain
+``open``/``mkdir`` would give under the user's umask before it is moved into place, so a serving account can read
+an export as it could any other file the user wrote.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -60,6 +64,7 @@ def staged_folder(target: str | os.PathLike, replace: bool = False) -> Iterator[
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
+        apply_umask(staging)
         publish_folder(staging, target, replace=replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -81,3 +86,24 @@ def publish_folder(staging: Path, target: Path, replace: bool = False) -> None:
         raise
     finally:
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes the umask gives new files and folders.
+
+    ``tempfile`` makes 0700 folders, and some writers (safetensors among them) make 0600 files whatever the umask.
+    """
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for parent, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(parent, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(parent, name), 0o666 & ~mask)
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back: POSIX has no call that only reads it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
