@@ -76,6 +76,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     tensors, metadata = read_adapter_weights(directory / WEIGHTS_NAME)
     own = json.loads(metadata["visionlora"]) if metadata and "visionlora" in metadata else None
     specs = _own_specs(own) if own else _peft_specs(model, peft_config, tensors)
+    _check_target_modules(peft_config.get("target_modules"), [spec.path for spec in specs], exact=own is not None,
+                          config_file=directory / CONFIG_NAME)
     existing = lora_layers(model)
     layers = existing or build_layers(model, specs)
     if not existing:
@@ -90,6 +92,28 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         config = LoraConfig(**own["config"]) if own else _config_from_peft(peft_config, specs)
         attach(model, layers, config, specs, trainable=trainable)
     return model
+
+
+def _check_target_modules(targets, adapted: list[str], exact: bool, config_file: Path) -> None:
+    """Refuse an adapter whose ``target_modules`` do not describe the modules its tensors adapt.
+
+    Our own adapters list every adapted path, so the two sets must be equal. PEFT lists module names (a path or a
+    dotted suffix of one) or one regex matched against whole paths; every adapted path must be one it names (an
+    entry matching no module is PEFT's business: its injection skips or refuses those).
+    """
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        uncovered = [path for path in adapted if not re.fullmatch(targets, path)]
+    else:
+        uncovered = [path for path in adapted if not any(path == t or path.endswith("." + t) for t in targets)]
+    if uncovered:
+        raise ValueError(f"{config_file}: target_modules {targets!r} do not name {uncovered[0]!r}, whose LoRA tensors "
+                         f"are in {WEIGHTS_NAME}; the config and the weights disagree")
+    unused = sorted(set(targets) - set(adapted)) if exact and not isinstance(targets, str) else []
+    if unused:
+        raise ValueError(f"{config_file}: target_modules lists {unused[0]!r}, but {WEIGHTS_NAME} holds no LoRA "
+                         f"tensors for it; the config and the weights disagree")
 
 
 def _plan_updates(model, layers, trainable, tensors, file) -> list[tuple[torch.Tensor, torch.Tensor]]:
