@@ -121,3 +121,17 @@ def test_failed_verification_leaves_nothing(run_dir, tmp_path, capsys):
     assert TOOL.main([str(run_dir), "--out", str(out), "--dtype", "bf16", "--tolerance", "0"]) == 1
     assert "tolerance" in capsys.readouterr().err
     assert not out.exists() and list((tmp_path / "exports").iterdir()) == []
+
+
+def test_export_works_from_another_working_directory(run_dir, tmp_path, monkeypatch):
+    """The run's relative paths (base_detector, data root) are resolved where the run was trained, not here."""
+    monkeypatch.chdir(tmp_path)
+    assert TOOL.main([str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    report = json.loads((tmp_path / "merged" / "export_report.json").read_text())
+    assert report["inputs"] == "4 real evaluation images"
+
+
+def test_export_carries_the_dataset_category_ids(run_dir, tmp_path):
+    assert TOOL.main([str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["category_ids"] == [1, 2, 3, 4, 5, 6]  # the COCO ids of the scenes' categories, label order

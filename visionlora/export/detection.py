@@ -41,6 +41,8 @@ class DetectorSource:
         model: The detector with LoRA still unmerged (the reference the export is checked against), in eval mode.
         config: ``create_detector`` keyword arguments that rebuild its architecture without any weights.
         class_names: Class names; label ``i + 1`` is ``class_names[i]`` (0 is the background).
+        category_ids: The dataset's category ids in label order (label ``i + 1`` is ``category_ids[i]``), so
+            predictions can be written in the dataset's own ids; None when unknown.
         image_size: Longer image side the detector was evaluated at (the data module's ``image_size``).
         sample_images: Real evaluation images (float ``[3, H, W]`` in 0..1) to check on, when the data is at hand.
         description: Where the model came from, for messages and the report.
@@ -52,6 +54,7 @@ class DetectorSource:
     image_size: int | None = None
     sample_images: list[torch.Tensor] | None = None
     description: str = ""
+    category_ids: list[int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -110,8 +113,8 @@ def detector_source_from_path(path: str | Path, num_classes: int | None = None, 
     module = _detector_module(hparams, checkpoint)
     _load_trained_tensors(module, saved["state_dict"], checkpoint)
     config = detector_config(module.hparams, weightless=True)
-    names, size, images = _run_data(saved.get("datamodule_hyper_parameters"), sample_size)
-    return DetectorSource(module.model.eval(), config, names, size, images, str(checkpoint))
+    names, size, images, ids = _run_data(saved.get("datamodule_hyper_parameters"), sample_size)
+    return DetectorSource(module.model.eval(), config, names, size, images, str(checkpoint), ids)
 
 
 def export_merged_detector(source: DetectorSource, output: str | Path, dtype: str = "fp32",
@@ -136,7 +139,8 @@ def _write_and_check(source: DetectorSource, folder: Path, output: Path, dtype: 
                      tolerance: float) -> DetectorExportReport:
     plain = merged_detector_copy(source.model)
     state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in plain.state_dict().items()}
-    write_detector_folder(folder, state, source.config, source.class_names, source.image_size, dtype)
+    write_detector_folder(folder, state, source.config, source.class_names, source.image_size, dtype,
+                          source.category_ids)
     try:
         loaded = load_merged_detector(folder)
     except (RuntimeError, TypeError, ValueError) as error:  # strict load_state_dict: keys or shapes differ
@@ -224,9 +228,10 @@ def _detector_module(hparams: dict, checkpoint: Path):
 
 
 def _run_data(datamodule_hparams: dict | None, sample_size: int):
-    """Class names, evaluation image size and real evaluation images of the run's data, when it can be rebuilt."""
+    """Class names, evaluation image size, real evaluation images and category ids of the run's data, when it can
+    be rebuilt."""
     if not datamodule_hparams:
-        return None, None, None
+        return None, None, None, None
     from visionlora.data import CocoDetectionDataModule
 
     kwargs = {k: v for k, v in datamodule_hparams.items() if not k.startswith("_")} | {"run_dir": None}
@@ -234,10 +239,10 @@ def _run_data(datamodule_hparams: dict | None, sample_size: int):
         data = CocoDetectionDataModule(**kwargs)
     except (FileNotFoundError, ValueError, TypeError) as error:
         logger.warning("export: the run's data cannot be loaded (%s); checking on random images", error)
-        return None, None, None
+        return None, None, None, None
     try:
         images = data.sample_batch(sample_size)
     except (FileNotFoundError, ValueError) as error:
         logger.warning("export: no evaluation images (%s); checking on random images", error)
         images = None
-    return data.class_names, data.image_size, images
+    return data.class_names, data.image_size, images, data.category_ids

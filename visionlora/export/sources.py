@@ -20,6 +20,7 @@ from visionlora.lora import LoraConfig, load_adapter
 from visionlora.lora.adapter_files import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from visionlora.lora.targets import find_head_path
 from visionlora.models import create_backbone
+from visionlora.models.backbone import LOCAL_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,29 @@ def read_checkpoint(checkpoint: Path) -> dict:
         raise ExportError(f"{checkpoint}: not a readable checkpoint ({type(error).__name__}: {first_line})") from error
     if not isinstance(saved, dict) or "state_dict" not in saved or "backbone" not in saved.get("hyper_parameters", {}):
         raise ExportError(f"{checkpoint}: not a visionlora checkpoint (no state_dict / backbone hparams)")
+    from visionlora.tasks.checkpoints import DATA_PATH_FIELDS, MODULE_PATH_FIELDS, WORKING_DIRECTORY_KEY
+
+    workdir = saved.get(WORKING_DIRECTORY_KEY)
+    if workdir:
+        saved["hyper_parameters"] = resolve_paths(saved["hyper_parameters"], MODULE_PATH_FIELDS, Path(workdir))
+        if saved.get("datamodule_hyper_parameters"):
+            saved["datamodule_hyper_parameters"] = resolve_paths(saved["datamodule_hyper_parameters"],
+                                                                 DATA_PATH_FIELDS, Path(workdir))
     return saved
+
+
+def resolve_paths(hparams: dict, fields: tuple[str, ...], workdir: Path) -> dict:
+    """``hparams`` with each relative path of ``fields`` made absolute against ``workdir`` (where the run started)."""
+    resolved = dict(hparams)
+    for name in fields:
+        value = resolved.get(name)
+        if not isinstance(value, str) or not value:
+            continue
+        prefix = LOCAL_DIR if value.startswith(LOCAL_DIR) else ""
+        path = Path(value.removeprefix(prefix))
+        if not path.is_absolute():
+            resolved[name] = prefix + str(workdir / path)
+    return resolved
 
 
 def _classifier_from_hparams(hparams: dict, checkpoint: Path):

@@ -2,9 +2,9 @@
 the two ways it is read back (a plain detector, or the start of a few-shot detector on new classes).
 
 A folder holds ``config.json`` (``format_version``, the ``create_detector`` keyword arguments that rebuild the
-architecture without weights, ``class_names`` with label ``i + 1`` = ``class_names[i]``, ``image_size``,
-``dtype``) and ``model.safetensors`` (the plain detector's ``state_dict``, LoRA already merged). Reading needs no
-LoRA code and unpickles nothing.
+architecture without weights, ``class_names`` with label ``i + 1`` = ``class_names[i]``, ``category_ids`` (the
+dataset's id of each label), ``image_size``, ``dtype``) and ``model.safetensors`` (the plain detector's
+``state_dict``, LoRA already merged). Reading needs no LoRA code and unpickles nothing.
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ BASE_ARCHITECTURE_FIELDS = ("backbone", "detector", "model_args", "out_indices",
 
 
 def write_detector_folder(folder: Path, state: dict[str, torch.Tensor], config: dict, class_names: list[str] | None,
-                          image_size: int | None, dtype: str) -> None:
+                          image_size: int | None, dtype: str, category_ids: list[int] | None = None) -> None:
     """Write ``model.safetensors`` (``state``, already cast) and ``config.json`` into an existing ``folder``.
 
     Args:
         config: ``create_detector`` keyword arguments that rebuild the architecture without weights.
         dtype: The name of the precision ``state`` was cast to (``fp32``, ``fp16``, ``bf16``), for the record.
+        category_ids: The dataset's category id of each label (label ``i + 1`` is ``category_ids[i]``).
     """
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS_NAME))
     described = {"format_version": FORMAT_VERSION, "dtype": dtype, "class_names": class_names,
-                 "image_size": image_size, "create_detector": config}
+                 "category_ids": category_ids, "image_size": image_size, "create_detector": config}
     (folder / CONFIG_NAME).write_text(json.dumps(described, indent=2))
 
 

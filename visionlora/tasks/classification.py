@@ -19,6 +19,7 @@ from visionlora.lora.targets import find_head_path
 from visionlora.models import create_backbone
 from visionlora.tasks.prototypes import add_class_sums, pooled_features
 
+from .checkpoints import record_working_directory
 from .optim import adamw_groups, lightning_optimizers, lora_factor_group
 
 METHODS = ("lora", "full", "linear")
@@ -196,6 +197,7 @@ class LoraClassifier(L.LightningModule):
         A randomly initialised backbone (no ``pretrained``, no ``pretrained_file``) cannot be rebuilt, so its
         checkpoint keeps every tensor: otherwise exporting or evaluating it later would use other random weights.
         """
+        record_working_directory(checkpoint)
         h = self.hparams
         if h.method == "full" or not (h.pretrained or h.pretrained_file):
             return

@@ -21,6 +21,7 @@ from visionlora.lora import LoraConfig, inject_lora
 from visionlora.models.detection import class_predictor_paths, create_detector, detector_config, resolve_backbone
 from visionlora.models.detector_folder import load_base_detector, read_detector_config
 
+from .checkpoints import record_working_directory
 from .optim import adamw_groups, lightning_optimizers, lora_factor_group
 
 ADAPT_SCOPES = ("backbone", "backbone+fpn", "all")
@@ -172,6 +173,7 @@ class LoraDetector(L.LightningModule):
         Nor can BatchNorm statistics that training updates (``freeze_bn=False``): those checkpoints are whole too.
         A ``base_detector`` folder rebuilds everything the few-shot run did not train.
         """
+        record_working_directory(checkpoint)
         h = self.hparams
         rebuildable = h.pretrained or h.pretrained_file or h.get("base_detector")
         if h.method == "full" or not rebuildable or not h.freeze_bn:

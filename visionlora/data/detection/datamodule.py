@@ -128,6 +128,12 @@ class CocoDetectionDataModule(L.LightningDataModule):
         return len(self._class_names)
 
     @property
+    def category_ids(self) -> list[int]:
+        """The dataset's category id of each label (label ``i + 1`` is ``category_ids[i]``); the embedded scenes
+        number their categories 1..C in label order."""
+        return list(self._category_ids) if self._category_ids is not None else list(range(1, self.num_classes + 1))
+
+    @property
     def class_names(self) -> list[str]:
         """Class names: label ``i + 1`` is ``class_names[i]``; available before ``setup``."""
         return list(self._class_names)
