@@ -1,5 +1,10 @@
 """Small pieces both the classification and the detection data code use: image reading and seeded augmentation.
 
+Images are read the same way by both tasks: 16-bit grey images (PIL modes ``I;16*`` and ``I``) are scaled to the
+8-bit range (``round(v / 257)``) instead of being clipped to white, palette, grey and alpha images become RGB.
+Classification turns photos upright by their EXIF orientation (what a viewer shows, and what a client's PIL
+pipeline should do too); detection reads the pixels as stored, the frame COCO's boxes and width/height refer to.
+
 Kept apart from either task's modules so that neither imports the other, and free of albumentations imports so
 that the presets modules, which set albumentations' import options first, stay the only place that imports it.
 """
@@ -10,14 +15,38 @@ import os
 import random
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import get_worker_info
 
+# PIL modes of 16-bit (and 32-bit integer) grey images, whose convert("RGB") clips every value above 255 to white.
+_WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_UINT16_TO_UINT8 = 257.0  # 65535 / 255
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as an ``H x W x 3`` uint8 array (grey, palette and alpha images converted to RGB)."""
+
+def load_rgb(path: str | os.PathLike, exif_transpose: bool = True) -> np.ndarray:
+    """An image file as an ``H x W x 3`` uint8 array.
+
+    Args:
+        path: The image file.
+        exif_transpose: Turn the image by its EXIF orientation (``PIL.ImageOps.exif_transpose``), as viewers show
+            it; False keeps the pixels as stored (COCO's convention for boxes).
+
+    Grey, palette and alpha images are converted to RGB; 16-bit grey images (modes ``I;16*``, and ``I`` taken as
+    16-bit, clipped to 0..65535) are scaled to 0..255 by ``round(v / 257)``.
+    """
     with Image.open(path) as image:
-        return np.array(image.convert("RGB"))
+        if exif_transpose:
+            image = ImageOps.exif_transpose(image)
+        return to_rgb_array(image)
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """``image`` as an ``H x W x 3`` uint8 array, 16-bit grey scaled to 8 bits (see :func:`load_rgb`)."""
+    if image.mode in _WIDE_GREY_MODES:
+        wide = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        grey = np.round(wide / _UINT16_TO_UINT8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.array(image.convert("RGB"))
 
 
 def seed_transform(transform, seed: int) -> None:
