@@ -19,9 +19,11 @@ from .classification.imagefolder import (
 from .classification.presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    EvalTransform,
     data_config_from_model,
     eval_transform,
     eval_transform_from,
+    timm_data_config,
     train_transform,
     train_transform_from,
 )
@@ -51,6 +53,8 @@ __all__ = [
     "digits_split",
     "eval_transform",
     "eval_transform_from",
+    "EvalTransform",
+    "timm_data_config",
     "find_bad_images",
     "imagefolder_classes",
     "sample_k_shot",

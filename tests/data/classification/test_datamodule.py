@@ -211,3 +211,12 @@ def test_dataloader_before_setup_is_an_error():
     with pytest.raises(RuntimeError, match="setup"):
         FewShotDataModule().train_dataloader()
     assert sum(CLASS_SIZES.values()) == 21
+
+
+def test_crop_mode_resolves_to_timm_default_and_is_checked():
+    assert FewShotDataModule().preprocessing["crop_mode"] == "center"
+    dm = FewShotDataModule(crop_mode="squash", image_size=16)
+    dm.set_data_config({"input_size": (3, 24, 24), "crop_mode": "border"})  # the backbone's does not override it
+    assert dm.crop_mode == "squash" and dm.image_size == 16
+    with pytest.raises(ValueError, match="crop_mode"):
+        FewShotDataModule(crop_mode="middle")
