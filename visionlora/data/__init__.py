@@ -12,7 +12,6 @@ from .classification.dataset import FewShotDataset
 from .classification.imagefolder import (
     IMAGE_EXTENSIONS,
     ImageFolderSplits,
-    find_bad_images,
     imagefolder_classes,
     scan_imagefolder,
 )
@@ -28,6 +27,7 @@ from .classification.presets import (
     train_transform_from,
 )
 from .classification.sampling import sample_k_shot, stratified_split, write_selection
+from .common import find_bad_images
 from .detection.coco import CocoSplit, DetectionRecord, load_coco
 from .detection.datamodule import CocoDetectionDataModule
 from .detection.dataset import DetectionDataset, collate_detection

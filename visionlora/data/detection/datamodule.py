@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from ..common import seed_transform, seed_worker
 from ..sources import DetectionSource, detection_source
 from ..sources.synthetic_scenes import ensure_synthetic_scenes
-from .coco import BAD_POLICIES, CocoSplit, DetectionRecord, load_coco
+from .coco import BAD_POLICIES, CocoSplit, DetectionRecord, check_image_files, load_coco
 from .dataset import DetectionDataset, collate_detection
 from .presets import DEFAULT_SCALE, eval_detection_transform, train_detection_transform
 from .sampling import InstanceSample, sample_k_instances, write_fewshot_selection
@@ -68,7 +68,8 @@ class CocoDetectionDataModule(L.LightningDataModule):
         scale: Range of the random rescale in training (see
             :func:`~visionlora.data.detection.presets.train_detection_transform`).
         on_bad: ``"drop"`` or ``"error"``: what :func:`~visionlora.data.detection.coco.load_coco` does with bad
-            annotations and missing image files.
+            annotations and missing image files, and the setup scan with unreadable ones (dropped with one counted
+            warning naming them, or an error listing them).
         keep_empty_images: With ``shots=None``, keep training images that have no annotation (as negatives).
             The K-instance draw never picks them; validation and test always keep them.
         run_dir: When set, ``setup`` writes the chosen image ids and counts per class to
@@ -139,12 +140,18 @@ class CocoDetectionDataModule(L.LightningDataModule):
             ensure_synthetic_scenes(self.root, **scenes)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and check every split and draw the K-shot training set; runs once, later calls return."""
+        """Read and check every split and draw the K-shot training set; runs once, later calls return.
+
+        Every image file of every split is decoded here, before training: unreadable ones follow ``on_bad`` and a
+        file whose size differs from its record's is an error, so no epoch (nor the test after a whole fit) crashes
+        on one.
+        """
         if self._parts is not None:
             return
         self.prepare_data()  # idempotent and atomic, so safe on every rank; covers setup() without a Trainer
         splits = {split: self._load(split) for split in SPLITS if self._paths[split] is not None}
-        self._parts = {split: loaded.records for split, loaded in splits.items()}
+        self._parts = {split: check_image_files(loaded.records, self.on_bad, self._paths[split][0])
+                       for split, loaded in splits.items()}  # fmt: skip
         if self.shots is not None:
             self.selection = sample_k_instances(self._parts["train"], self.shots, self.seed, self._class_names)
             self._parts["train"] = self.selection.records
