@@ -141,3 +141,27 @@ def test_setup_names_an_image_whose_size_differs_from_its_record(tmp_path):
     dm = CocoDetectionDataModule(dataset="coco", root=str(root), shots=1, image_size=32)
     with pytest.raises(ValueError, match=r"e2\.jpg is 40x30 but its annotation record says 30x40"):
         dm.setup()
+
+
+# An empty training set is a one-line error naming the file at setup, not torch's num_samples=0 (issue item 17).
+@pytest.mark.parametrize("shots", [None, 2])
+def test_training_json_without_annotations_is_named_before_any_image_is_read(tmp_path, shots):
+    root = _coco_root(tmp_path)
+    train_json = _coco_split(root / "train", {f"t{i}.jpg": (40, 30) for i in range(4)}, annotate=False)
+    _truncate(root / "train" / "images" / "t0.jpg")  # would be the first error if images were scanned first
+    dm = CocoDetectionDataModule(dataset="coco", root=str(root), shots=shots, on_bad="error", image_size=32)
+    with pytest.raises(ValueError) as error:
+        dm.setup()
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and str(train_json) in message and "no annotations" in message
+    assert "train" in message and "unreadable" not in message
+
+
+def test_training_split_left_empty_by_dropped_images_is_named(tmp_path):
+    root = _coco_root(tmp_path)
+    for i in range(4):
+        _truncate(root / "train" / "images" / f"t{i}.jpg")
+    dm = CocoDetectionDataModule(dataset="coco", root=str(root), shots=None, image_size=32)
+    with pytest.raises(ValueError, match=r"no training image left.*train[/\\]annotations\.json") as error:
+        dm.setup()
+    assert len(str(error.value).splitlines()) == 1

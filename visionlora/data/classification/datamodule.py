@@ -218,6 +218,10 @@ class FewShotDataModule(L.LightningDataModule):
         train_idx = self._draw_shots(pool.labels)
         if val is None and self.val_fraction > 0:
             val, train_idx = self._draw_val(pool, train_idx)
+            if not train_idx:  # else torch's num_samples=0 at the first epoch
+                raise ValueError(f"FewShotDataModule: no training image left in {self.dataset!r} (root {self.root}) "
+                                 f"after the validation draw: val_fraction={self.val_fraction} took all {len(pool)} "
+                                 "images of the training pool; lower val_fraction or give a val/ folder")
         self._parts = {"train": _subset(pool, train_idx), "test": test}
         if val is not None:
             self._parts["val"] = val

@@ -150,18 +150,28 @@ class CocoDetectionDataModule(L.LightningDataModule):
             return
         self.prepare_data()  # idempotent and atomic, so safe on every rank; covers setup() without a Trainer
         splits = {split: self._load(split) for split in SPLITS if self._paths[split] is not None}
+        train_json = self._paths["train"][0]
+        # Checked before any image is decoded: a training json without boxes is a mistake, found in a second.
+        if not _has_boxes(splits["train"].records):
+            raise ValueError(f"CocoDetectionDataModule: the train split ({train_json}) has no annotations to train on "
+                             "(crowd and unusable annotations do not count)")
         self._parts = {split: check_image_files(loaded.records, self.on_bad, self._paths[split][0])
                        for split, loaded in splits.items()}  # fmt: skip
+        _require_training_boxes(self._parts["train"], train_json, "once the unreadable image files were left out")
         if self.shots is not None:
-            self.selection = sample_k_instances(self._parts["train"], self.shots, self.seed, self._class_names)
-            self._parts["train"] = self.selection.records
-            counts = {self._class_names[label - 1]: n for label, n in self.selection.counts.items()}
-            logger.info("CocoDetectionDataModule: %d training images, instances per class %s",
-                        len(self._parts["train"]), counts)  # fmt: skip
-            if self.run_dir is not None:
-                info = {"dataset": self.dataset, "annotations": str(self._paths["train"][0])}
-                info |= {"shots": self.shots, "seed": self.seed}
-                write_fewshot_selection(Path(self.run_dir) / SELECTION_FILE, self.selection, self._class_names, **info)
+            self._draw_shots(train_json)
+
+    def _draw_shots(self, train_json: Path) -> None:
+        """Keep the K-shot draw of the training pool (and write the selection file when ``run_dir`` is set)."""
+        self.selection = sample_k_instances(self._parts["train"], self.shots, self.seed, self._class_names)
+        self._parts["train"] = self.selection.records
+        _require_training_boxes(self._parts["train"], train_json, f"after the {self.shots}-shot draw")
+        counts = {self._class_names[label - 1]: n for label, n in self.selection.counts.items()}
+        logger.info("CocoDetectionDataModule: %d training images, instances per class %s",
+                    len(self._parts["train"]), counts)  # fmt: skip
+        if self.run_dir is not None:
+            info = {"dataset": self.dataset, "annotations": str(train_json), "shots": self.shots, "seed": self.seed}
+            write_fewshot_selection(Path(self.run_dir) / SELECTION_FILE, self.selection, self._class_names, **info)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches with seeded augmentation (order and augmentation repeat for a given seed)."""
@@ -257,6 +267,16 @@ class CocoDetectionDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+
+def _has_boxes(records: list[DetectionRecord]) -> bool:
+    return any(len(record.labels) for record in records)
+
+
+def _require_training_boxes(records: list[DetectionRecord], train_json: Path, when: str) -> None:
+    """Raise naming the training json when no training image with a box is left (torch would say num_samples=0)."""
+    if not _has_boxes(records):
+        raise ValueError(f"CocoDetectionDataModule: no training image left in the train split ({train_json}) {when}")
 
 
 def _check_arguments(dataset, shots, seed, batch_size, eval_batch_size, num_workers, image_size, on_bad) -> None:
