@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_tool
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -183,3 +185,97 @@ def _hparams(run_dir: Path) -> dict:
 
 def _base(run_dir: Path) -> str:
     return _hparams(run_dir)["backbone"]
+
+
+# Item 5 of the issue: what a client gets from the exported config.json with timm alone is what the run measured.
+PHOTO_CLASSES = ("rings", "stripes", "blobs")
+PHOTO_SIZES = ((56, 40), (40, 64), (48, 48), (72, 36), (36, 60), (64, 52))  # (width, height), mostly not square
+
+
+def _photo(kind: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """A textured RGB picture of one class (rings, stripes or soft blobs), in a random colour, with noise."""
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    cx, cy = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
+    if kind == "rings":
+        pattern = np.sin(np.hypot(x - cx, y - cy) / rng.uniform(1.5, 3.0))
+    elif kind == "stripes":
+        angle = rng.uniform(0, np.pi)
+        pattern = np.sin((x * np.cos(angle) + y * np.sin(angle)) / rng.uniform(1.0, 2.5))
+    else:
+        pattern = sum(np.exp(-((x - rng.uniform(0, width)) ** 2 + (y - rng.uniform(0, height)) ** 2) / 40.0)
+                      for _ in range(4)) * 2 - 1
+    colour = rng.uniform(60, 255, 3)
+    pixels = 127.5 + 0.5 * pattern[..., None] * colour + rng.normal(0, 12, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _photo_folder(root: Path, train_per_class: int = 3, test_per_class: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    for kind in PHOTO_CLASSES:
+        for part, count in (("train", train_per_class), ("test", test_per_class)):
+            for i in range(count):
+                (root / part / kind).mkdir(parents=True, exist_ok=True)
+                _photo(kind, PHOTO_SIZES[i % len(PHOTO_SIZES)], rng).save(root / part / kind / f"{i:02d}.png")
+    return root
+
+
+def test_timm_alone_on_the_exported_config_reproduces_the_run_test_accuracy(tmp_path):
+    """A client loading the export with timm and its own transform from config.json counts the run's test hits.
+
+    Also, image for image, the run's test batches and the export check's sample images are exactly what that
+    transform makes of the files (PIL bicubic resize, centre crop of the non-square pictures).
+    """
+    root = _photo_folder(tmp_path / "photos")
+    runs = tmp_path / "runs"
+    row = train_main(["--config", str(ROOT / "configs" / "default.yaml"), "--data.dataset", "imagefolder",
+                      "--data.root", str(root), "--data.shots", "2", "--data.val_fraction", "0",
+                      "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
+                      "--trainer.enable_model_summary", "false", "--runs_dir", str(runs), "--run_name", "photos"])
+    (run_dir,) = sorted((runs / "photos").iterdir())
+    assert TOOL.main([str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    script = f"""
+import json, sys
+from pathlib import Path
+import timm, torch
+from PIL import Image
+from safetensors.torch import save_file
+folder, test_root = {str(tmp_path / "merged")!r}, Path({str(root / "test")!r})
+model = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+names = json.load(open(folder + "/config.json"))["label_names"]
+files = [(label, path) for label, name in enumerate(names) for path in sorted((test_root / name).iterdir())]
+inputs = torch.stack([transform(Image.open(path).convert("RGB")) for _, path in files])
+with torch.no_grad():
+    predicted = model(inputs).argmax(1)
+correct = int((predicted == torch.tensor([label for label, _ in files])).sum())
+save_file({{"inputs": inputs}}, {str(tmp_path / "client.safetensors")!r})
+print(json.dumps({{"correct": correct, "n": len(files), "imported": "visionlora" in sys.modules}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True)
+    client = json.loads(done.stdout.strip().splitlines()[-1])
+    assert client["imported"] is False and client["n"] == 18
+    assert client["correct"] == round(row["test acc"] * client["n"])
+    assert abs(row["test acc"] * client["n"] - client["correct"]) < 1e-6
+    with safe_open(str(tmp_path / "client.safetensors"), "pt") as handle:
+        inputs = handle.get_tensor("inputs")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())["pretrained_cfg"]
+    assert (config["crop_pct"], config["crop_mode"], config["interpolation"]) == (1.0, "center", "bicubic")
+    source = source_from_path(run_dir)
+    run_batches = torch.cat([x for x, _ in _run_datamodule(run_dir, source.model).test_dataloader()])
+    torch.testing.assert_close(run_batches, inputs, atol=0.0, rtol=0.0)
+    in_turn = [label * 6 + rank for rank in range(2) for label in range(3)]  # sample_batch: the classes in turn
+    torch.testing.assert_close(source.sample_images, inputs[in_turn], atol=0.0, rtol=0.0)
+
+
+def _run_datamodule(run_dir: Path, model: torch.nn.Module):
+    """The run's data module, rebuilt from its checkpoint, with the backbone's preprocessing as in training."""
+    import timm
+
+    from visionlora.data import FewShotDataModule
+
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["datamodule_hyper_parameters"]
+    data = FewShotDataModule(**{k: v for k, v in saved.items() if not k.startswith("_")} | {"run_dir": None})
+    data.set_data_config(timm.data.resolve_model_data_config(model))
+    data.setup()
+    return data

@@ -12,20 +12,22 @@ from .classification.dataset import FewShotDataset
 from .classification.imagefolder import (
     IMAGE_EXTENSIONS,
     ImageFolderSplits,
-    find_bad_images,
     imagefolder_classes,
     scan_imagefolder,
 )
 from .classification.presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    EvalTransform,
     data_config_from_model,
     eval_transform,
     eval_transform_from,
+    timm_data_config,
     train_transform,
     train_transform_from,
 )
 from .classification.sampling import sample_k_shot, stratified_split, write_selection
+from .common import find_bad_images
 from .detection.coco import CocoSplit, DetectionRecord, load_coco
 from .detection.datamodule import CocoDetectionDataModule
 from .detection.dataset import DetectionDataset, collate_detection
@@ -51,6 +53,8 @@ __all__ = [
     "digits_split",
     "eval_transform",
     "eval_transform_from",
+    "EvalTransform",
+    "timm_data_config",
     "find_bad_images",
     "imagefolder_classes",
     "sample_k_shot",

@@ -1,4 +1,13 @@
-"""Small pieces both the classification and the detection data code use: image reading and seeded augmentation.
+"""Small pieces both the classification and the detection data code use: image reading and checking, and seeded
+augmentation.
+
+Images are read the same way by both tasks: 16-bit grey images (PIL modes ``I;16*`` and ``I``) are scaled to the
+8-bit range (``round(v / 257)``) instead of being clipped to white, palette, grey and alpha images become RGB.
+Classification turns photos upright by their EXIF orientation (what a viewer shows, and what a client's PIL
+pipeline should do too); detection reads the pixels as stored, the frame COCO's boxes and width/height refer to.
+
+:func:`find_bad_images` and :func:`report_bad_images` are the setup scan both data modules run on every image file
+before training (a corrupt file is reported, or skipped, before an epoch crashes on it).
 
 Kept apart from either task's modules so that neither imports the other, and free of albumentations imports so
 that the presets modules, which set albumentations' import options first, stay the only place that imports it.
@@ -6,18 +15,96 @@ that the presets modules, which set albumentations' import options first, stay t
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import get_worker_info
 
+# PIL modes of 16-bit (and 32-bit integer) grey images, whose convert("RGB") clips every value above 255 to white.
+_WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_UINT16_TO_UINT8 = 257.0  # 65535 / 255
+_SHOWN_PATHS = 5  # paths quoted in the skip warning; the error lists up to _LISTED_PATHS
+_LISTED_PATHS = 20
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as an ``H x W x 3`` uint8 array (grey, palette and alpha images converted to RGB)."""
+
+def load_rgb(path: str | os.PathLike, exif_transpose: bool = True) -> np.ndarray:
+    """An image file as an ``H x W x 3`` uint8 array.
+
+    Args:
+        path: The image file.
+        exif_transpose: Turn the image by its EXIF orientation (``PIL.ImageOps.exif_transpose``), as viewers show
+            it; False keeps the pixels as stored (COCO's convention for boxes).
+
+    Grey, palette and alpha images are converted to RGB; 16-bit grey images (modes ``I;16*``, and ``I`` taken as
+    16-bit, clipped to 0..65535) are scaled to 0..255 by ``round(v / 257)``.
+    """
     with Image.open(path) as image:
-        return np.array(image.convert("RGB"))
+        if exif_transpose:
+            image = ImageOps.exif_transpose(image)
+        return to_rgb_array(image)
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """``image`` as an ``H x W x 3`` uint8 array, 16-bit grey scaled to 8 bits (see :func:`load_rgb`)."""
+    if image.mode in _WIDE_GREY_MODES:
+        wide = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        grey = np.round(wide / _UINT16_TO_UINT8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.array(image.convert("RGB"))
+
+
+def find_bad_images(paths: Sequence[Path], num_threads: int = 8) -> dict[Path, str]:
+    """``{path: reason}`` for every file PIL cannot open, verify and fully decode."""
+    # Decoding is mostly I/O and C code that releases the GIL, so threads speed up large folders.
+    with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(paths)))) as pool:
+        reasons = list(pool.map(_unreadable_reason, paths))
+    return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason is not None}
+
+
+def report_bad_images(bad: Mapping[Path, str], owner: str, where: str, skip: bool, log: logging.Logger) -> set[Path]:
+    """Raise for unreadable files, or warn once and return them to be left out.
+
+    Args:
+        bad: What :func:`find_bad_images` found.
+        owner: Who scanned, the message prefix (``"imagefolder"``, ``"coco"``).
+        where: The folder (or annotation file) the files belong to, for the message.
+        skip: True: log one warning with their count and first paths; False: raise.
+        log: The logger of the module that scanned.
+
+    Returns:
+        The bad paths (empty when there are none).
+
+    Raises:
+        ValueError: With ``skip=False`` and any bad file, listing up to 20 of them with the reason.
+    """
+    if not bad:
+        return set()
+    if not skip:
+        listed = "\n".join(f"  {path}: {reason}" for path, reason in sorted(bad.items())[:_LISTED_PATHS])
+        more = f"\n  ... and {len(bad) - _LISTED_PATHS} more" if len(bad) > _LISTED_PATHS else ""
+        raise ValueError(f"{owner}: {len(bad)} unreadable image file(s) under {where!r}:\n{listed}{more}")
+    shown = ", ".join(str(path) for path in sorted(bad)[:_SHOWN_PATHS])
+    more = ", ..." if len(bad) > _SHOWN_PATHS else ""
+    log.warning("%s: skipping %d unreadable image file(s) under %s: %s%s", owner, len(bad), where, shown, more)
+    return set(bad)
+
+
+def _unreadable_reason(path: Path) -> str | None:
+    try:
+        # verify() checks the container without decoding; load() then decodes every pixel (and catches truncation).
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image.load()
+    except Exception as err:  # noqa: BLE001 - any failure of PIL on this file means "unreadable"
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def seed_transform(transform, seed: int) -> None:

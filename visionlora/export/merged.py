@@ -2,7 +2,10 @@
 and write a plain timm ``local-dir`` folder that loads with no visionlora code, checked at every export.
 
 The folder is written to a temporary sibling, loaded back through timm alone, compared with the adapted (unmerged)
-model on real or random images, and only then renamed into place: a failed check or a crash leaves no output.
+model on real or random images, and only then renamed into place: a failed check or a crash leaves no output. Its
+``config.json`` carries the run's evaluation preprocessing (``input_size``, ``interpolation``, ``mean``, ``std``,
+``crop_pct``, ``crop_mode``), checked to read back unchanged, so ``timm.data.create_transform(
+**timm.data.resolve_data_config(model=m))`` preprocesses test images exactly as the run's evaluation did.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def _write_and_check(source: ExportSource, folder: Path, output: Path, dtype: st
     _check_plain_keys(plain, source)
     save_backbone(plain, folder, data_config=source.data_config, label_names=source.label_names)
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    _check_written_preprocessing(loaded, source, output)
     images, inputs = _check_images(source, batch_size)
     abs_diff, rel_diff = compare_outputs(source.model, loaded.to(DTYPES[dtype]), images)
     report = ExportReport(str(output), source.description, source.architecture, source.num_classes, dtype, inputs,
@@ -165,6 +169,21 @@ def _check_plain_keys(plain: nn.Module, source: ExportSource) -> None:
         extra, missing = sorted(actual - expected)[:3], sorted(expected - actual)[:3]
         raise ExportError(f"merged {source.architecture} state_dict differs from timm's: extra {extra}, "
                           f"missing {missing}")
+
+
+def _check_written_preprocessing(loaded: nn.Module, source: ExportSource, output: Path) -> None:
+    """timm must resolve from the written config.json the preprocessing the run evaluated with."""
+    resolved = timm.data.resolve_data_config(model=loaded)
+    differ = {key: (value, resolved.get(key)) for key, value in source.data_config.items()
+              if _as_tuple(resolved.get(key)) != _as_tuple(value)}
+    if differ:
+        described = ", ".join(f"{key} {want!r} written as {got!r}" for key, (want, got) in differ.items())
+        raise VerificationError(f"exported config.json does not give timm the run's preprocessing: {described}; "
+                                f"nothing written to {output}")
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _check_images(source: ExportSource, batch_size: int) -> tuple[torch.Tensor, str]:

@@ -25,7 +25,7 @@ from visionlora.models.backbone import LOCAL_DIR
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
+PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
 class ExportError(ValueError):
@@ -40,9 +40,12 @@ class ExportSource:
         model: The timm model with LoRA still unmerged (the reference the export is verified against), in eval mode.
         architecture: timm architecture name.
         model_args: Constructor arguments besides ``num_classes`` (e.g. ``img_size``).
-        data_config: ``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation`` for timm's pretrained_cfg.
+        data_config: ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode`` for timm's
+            pretrained_cfg: from a run, the fields its evaluation transform was built from
+            (:func:`visionlora.data.classification.presets.timm_data_config`), so timm alone preprocesses the same.
         label_names: Class names in label order, when known.
-        sample_images: Real, eval-transformed images ``[B, 3, H, W]`` to verify on, when the data is at hand.
+        sample_images: Real images ``[B, 3, H, W]`` to verify on, when the data is at hand, through the run's
+            evaluation transform (timm's, of ``data_config``).
         description: Where the model came from, for messages and the export report.
     """
 
@@ -200,7 +203,7 @@ def _run_data(datamodule_hparams: dict | None, model: nn.Module, sample_size: in
     data_config = _preprocessing(timm.data.resolve_model_data_config(model))
     if not datamodule_hparams:
         return None, None, data_config
-    from visionlora.data import FewShotDataModule
+    from visionlora.data import FewShotDataModule, timm_data_config
 
     kwargs = {k: v for k, v in datamodule_hparams.items() if not k.startswith("_")} | {"run_dir": None}
     try:
@@ -210,11 +213,7 @@ def _run_data(datamodule_hparams: dict | None, model: nn.Module, sample_size: in
     except (FileNotFoundError, ValueError, TypeError) as error:
         logger.warning("export: the run's data cannot be loaded (%s); verifying on random inputs", error)
         return None, None, data_config
-    prep = data.preprocessing
-    size = prep["image_size"]
-    data_config = {"input_size": (3, size, size), "mean": prep["mean"], "std": prep["std"],
-                   "crop_pct": prep["crop_pct"], "interpolation": prep["interpolation"]}
-    return data.class_names, images, data_config
+    return data.class_names, images, timm_data_config(data.preprocessing)
 
 
 def _adapter_head_classes(adapter_dir: Path, head_path: str | None) -> int | None:

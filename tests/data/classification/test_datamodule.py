@@ -211,3 +211,23 @@ def test_dataloader_before_setup_is_an_error():
     with pytest.raises(RuntimeError, match="setup"):
         FewShotDataModule().train_dataloader()
     assert sum(CLASS_SIZES.values()) == 21
+
+
+def test_crop_mode_resolves_to_timm_default_and_is_checked():
+    assert FewShotDataModule().preprocessing["crop_mode"] == "center"
+    dm = FewShotDataModule(crop_mode="squash", image_size=16)
+    dm.set_data_config({"input_size": (3, 24, 24), "crop_mode": "border"})  # the backbone's does not override it
+    assert dm.crop_mode == "squash" and dm.image_size == 16
+    with pytest.raises(ValueError, match="crop_mode"):
+        FewShotDataModule(crop_mode="middle")
+
+
+def test_validation_draw_that_leaves_no_training_image_is_named_at_setup(tmp_path):
+    """One training image per class and val_fraction 0.5 of the whole pool: all of them would go to validation."""
+    from ..conftest import make_class_folders
+
+    root = make_class_folders(tmp_path / "pairs", {"a": 2, "b": 2})  # 1 train + 1 test per class
+    dm = FewShotDataModule(dataset="imagefolder", root=str(root), shots=None, val_fraction=0.5)
+    with pytest.raises(ValueError, match=r"no training image left.*imagefolder.*val_fraction=0\.5") as error:
+        dm.setup()
+    assert len(str(error.value).splitlines()) == 1

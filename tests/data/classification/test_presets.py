@@ -17,6 +17,7 @@ from visionlora.data import (
     train_transform,
     train_transform_from,
 )
+from visionlora.data.classification.presets import timm_data_config
 from visionlora.data.common import seed_transform
 
 
@@ -123,3 +124,19 @@ def test_data_module_and_benchmark_share_the_training_transform():
     loader_steps = [type(step).__name__ for step in data.train_dataloader().dataset.transform.transforms]
     assert loader_steps == [type(step).__name__ for step in train_transform_from(data.preprocessing).transforms]
     assert loader_steps[0] == "Affine"
+
+
+@pytest.mark.parametrize("crop_pct, crop_mode", [(1.0, "center"), (0.875, "center"), (1.0, "squash")])
+def test_eval_transform_is_what_timm_makes_of_the_exported_config(crop_pct, crop_mode):
+    """Evaluation equals timm's own eval transform of the six fields an export writes, on PIL images."""
+    from PIL import Image
+
+    prep = {"image_size": 24, "mean": (0.3, 0.3, 0.3), "std": (0.4, 0.4, 0.4), "crop_pct": crop_pct,
+            "crop_mode": crop_mode, "interpolation": "bicubic", "crop_scale": (0.85, 1.0), "hflip": False}
+    config = timm_data_config(prep)
+    assert config == {"input_size": (3, 24, 24), "interpolation": "bicubic", "mean": (0.3, 0.3, 0.3),
+                      "std": (0.4, 0.4, 0.4), "crop_pct": crop_pct, "crop_mode": crop_mode}
+    client = timm.data.create_transform(**config)
+    image = np.random.default_rng(2).integers(0, 256, (31, 57, 3), dtype=np.uint8)  # not square
+    torch.testing.assert_close(_apply(eval_transform_from(prep), image), client(Image.fromarray(image)),
+                               atol=0.0, rtol=0.0)

@@ -90,3 +90,20 @@ def test_load_coco_error_names_missing_file_and_rejects_non_coco(tmp_path):
     broken.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": []}))
     with pytest.raises(ValueError, match="'categories' is empty"):
         load_coco(broken, tmp_path)
+
+
+def test_check_image_files_keeps_stored_pixels_and_says_when_exif_explains_a_size_mismatch(tmp_path):
+    """A phone photo stored 40x30 with EXIF "turn 90 degrees" whose record gives the turned 30x40 size."""
+    from PIL import Image
+
+    from visionlora.data.detection.coco import DetectionRecord, check_image_files
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((30, 40, 3), dtype=np.uint8)).save(tmp_path / "p.png", exif=exif)
+    empty = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    stored = DetectionRecord(1, tmp_path / "p.png", 40, 30, *empty)
+    assert check_image_files([stored], "error", "ann.json") == [stored]
+    with pytest.raises(ValueError, match=r"ann\.json: 1 image\(s\) differ.*p\.png is 40x30 but its annotation "
+                                         r"record says 30x40 \(image id 1\) \(its EXIF orientation turns it"):
+        check_image_files([DetectionRecord(1, tmp_path / "p.png", 30, 40, *empty)], "drop", "ann.json")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from visionlora.data.detection.datamodule import CocoDetectionDataModule
 from visionlora.data.sources import synthetic_scenes
@@ -77,3 +80,88 @@ def test_datamodule_synthetic_generates_under_root(tmp_path, monkeypatch):
     _check_batch(images, targets, 64)
     assert sum(len(t["labels"]) for t in targets) <= 6  # one instance per class before augmentation
     assert [x.shape for x in dm.sample_batch(2)] == [(3, 64, 64), (3, 64, 64)]  # 128 px scenes, longer side 64
+
+
+# Setup checks every image file of every split before training (issue items 15 and 6).
+def _coco_split(folder: Path, sizes: dict[str, tuple[int, int]], recorded: dict[str, tuple[int, int]] | None = None,
+                annotate: bool = True) -> Path:
+    """``folder/annotations.json`` and ``folder/images/<name>`` (JPEG noise pictures of ``sizes`` = (w, h)), one
+    box of each of two categories per image; ``recorded`` overrides the width/height the json states."""
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for image_id, (name, (width, height)) in enumerate(sizes.items(), start=1):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "images" / name, quality=90)
+        w, h = (recorded or {}).get(name, (width, height))
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+        for category in (1, 2):
+            annotations.append({"id": 10 * image_id + category, "image_id": image_id, "category_id": category,
+                                "bbox": [2 * category, 3, 10, 8], "area": 80, "iscrowd": 0})
+    categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    data = {"images": images, "annotations": annotations if annotate else [], "categories": categories}
+    (folder / "annotations.json").write_text(json.dumps(data))
+    return folder / "annotations.json"
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _coco_root(tmp_path: Path) -> Path:
+    root = tmp_path / "coco"
+    _coco_split(root / "train", {f"t{i}.jpg": (40, 30) for i in range(4)})
+    _coco_split(root / "test", {f"e{i}.jpg": (40, 30) for i in range(3)})
+    return root
+
+
+def test_setup_drops_a_truncated_training_jpeg_with_one_counted_warning(tmp_path, caplog):
+    root = _coco_root(tmp_path)
+    _truncate(root / "train" / "images" / "t2.jpg")
+    dm = CocoDetectionDataModule(dataset="coco", root=str(root), shots=None, batch_size=4, image_size=32)
+    with caplog.at_level(logging.WARNING):
+        dm.setup()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "1 unreadable image file" in warnings[0] and "t2.jpg" in warnings[0]
+    assert [r.path.name for r in dm.split_records("train")] == ["t0.jpg", "t1.jpg", "t3.jpg"]
+    assert sum(len(images) for images, _ in dm.train_dataloader()) == 3
+
+
+def test_setup_error_mode_names_a_truncated_test_jpeg_before_training(tmp_path):
+    root = _coco_root(tmp_path)
+    _truncate(root / "test" / "images" / "e1.jpg")
+    dm = CocoDetectionDataModule(dataset="coco", root=str(root), shots=1, on_bad="error", image_size=32)
+    with pytest.raises(ValueError, match=r"(?s)1 unreadable image file.*e1\.jpg"):
+        dm.setup("fit")
+
+
+def test_setup_names_an_image_whose_size_differs_from_its_record(tmp_path):
+    root = _coco_root(tmp_path)
+    _coco_split(root / "test", {f"e{i}.jpg": (40, 30) for i in range(3)}, recorded={"e2.jpg": (30, 40)})
+    dm = CocoDetectionDataModule(dataset="coco", root=str(root), shots=1, image_size=32)
+    with pytest.raises(ValueError, match=r"e2\.jpg is 40x30 but its annotation record says 30x40"):
+        dm.setup()
+
+
+# An empty training set is a one-line error naming the file at setup, not torch's num_samples=0 (issue item 17).
+@pytest.mark.parametrize("shots", [None, 2])
+def test_training_json_without_annotations_is_named_before_any_image_is_read(tmp_path, shots):
+    root = _coco_root(tmp_path)
+    train_json = _coco_split(root / "train", {f"t{i}.jpg": (40, 30) for i in range(4)}, annotate=False)
+    _truncate(root / "train" / "images" / "t0.jpg")  # would be the first error if images were scanned first
+    dm = CocoDetectionDataModule(dataset="coco", root=str(root), shots=shots, on_bad="error", image_size=32)
+    with pytest.raises(ValueError) as error:
+        dm.setup()
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and str(train_json) in message and "no annotations" in message
+    assert "train" in message and "unreadable" not in message
+
+
+def test_training_split_left_empty_by_dropped_images_is_named(tmp_path):
+    root = _coco_root(tmp_path)
+    for i in range(4):
+        _truncate(root / "train" / "images" / f"t{i}.jpg")
+    dm = CocoDetectionDataModule(dataset="coco", root=str(root), shots=None, image_size=32)
+    with pytest.raises(ValueError, match=r"no training image left.*train[/\\]annotations\.json") as error:
+        dm.setup()
+    assert len(str(error.value).splitlines()) == 1

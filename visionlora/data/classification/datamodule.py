@@ -22,6 +22,8 @@ from ..sources import ClassificationPools, ClassificationSource, LabelledImages,
 from .dataset import FewShotDataset
 from .imagefolder import BAD_IMAGE_POLICIES
 from .presets import (
+    CROP_MODES,
+    DEFAULT_CROP_MODE,
     DEFAULT_CROP_PCT,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_SCALE,
@@ -56,8 +58,8 @@ class FewShotDataModule(L.LightningDataModule):
     """Few-shot image classification data: k seeded images per class for training, a fixed test set.
 
     Batches are ``(images float32 [B, 3, S, S], labels int64 [B])``. After construction, ``image_size``, ``mean``,
-    ``std``, ``crop_pct``, ``hflip`` and ``crop_scale`` read back the values in use (argument, else dataset
-    default, else backbone, else default), not the raw arguments. The test set never depends on ``seed``;
+    ``std``, ``crop_pct``, ``crop_mode``, ``hflip`` and ``crop_scale`` read back the values in use (argument, else
+    dataset default, else backbone, else default), not the raw arguments. The test set never depends on ``seed``;
     the training images do (and are written to ``run_dir`` when given). Validation images come from a ``val/``
     folder when the ImageFolder has one, else, with ``val_fraction > 0``, from the training pool minus the chosen
     shots; with neither, ``val_dataloader`` returns an empty list and Lightning skips validation. Validation is
@@ -87,6 +89,12 @@ class FewShotDataModule(L.LightningDataModule):
         std: Normalisation std (0..1 scale); ``None``: the backbone's, else ImageNet's.
         crop_pct: Share of the resized image kept by the eval centre crop; ``None``: 1.0 for digits and Omniglot
             (no crop, strokes sit at the border), else the backbone's, else 0.875.
+        crop_mode: How evaluation fits an image to the square input, as timm's eval transform (which validation,
+            test and exports use, see :func:`~visionlora.data.classification.presets.eval_transform_from`) does:
+            ``"center"`` (the shorter side resized to ``image_size / crop_pct``, aspect ratio kept, centre crop: the
+            long side of a non-square image is cut), ``"squash"`` (both sides resized, aspect ratio not kept, then
+            the centre crop: nothing is lost at ``crop_pct=1``) or ``"border"`` (the longer side, padded with the
+            mean colour). ``None``: ``"center"``, timm's default. An export's ``config.json`` records it.
         hflip: Random horizontal flips in training; ``None``: off for digits and Omniglot (a mirrored character
             is not that character), on otherwise.
         crop_scale: Area range of the training random resized crop; ``None``: (0.85, 1.0) for digits and
@@ -121,6 +129,7 @@ class FewShotDataModule(L.LightningDataModule):
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         crop_pct: float | None = None,
+        crop_mode: str | None = None,
         hflip: bool | None = None,
         crop_scale: tuple[float, float] | None = None,
         affine: bool | None = None,
@@ -133,6 +142,8 @@ class FewShotDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         _check_arguments(dataset, root, shots, seed, val_fraction, max_val_per_class, on_bad_image, test_fraction)
+        if crop_mode is not None and crop_mode not in CROP_MODES:
+            raise ValueError(f"FewShotDataModule: crop_mode must be one of {CROP_MODES} or None, got {crop_mode!r}")
         self.dataset, self.root, self.classes = dataset, root, classes
         self.shots, self.seed, self.run_dir = shots, seed, run_dir
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
@@ -140,7 +151,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.on_bad_image, self.test_fraction = on_bad_image, test_fraction
         # Kept apart from the backbone's settings so that explicit arguments keep winning over set_data_config.
         self._explicit = {"image_size": image_size, "mean": mean, "std": std, "crop_pct": crop_pct}
-        self._explicit |= {"hflip": hflip, "crop_scale": crop_scale, "affine": affine}
+        self._explicit |= {"crop_mode": crop_mode, "hflip": hflip, "crop_scale": crop_scale, "affine": affine}
         self._backbone_config: dict = {}
         # Listing the classes now (folder names only) lets LightningCLI link num_classes into the model before
         # setup, and fails early on a wrong root.
@@ -151,6 +162,7 @@ class FewShotDataModule(L.LightningDataModule):
     mean = _Resolved()
     std = _Resolved()
     crop_pct = _Resolved()
+    crop_mode = _Resolved()
     hflip = _Resolved()
     crop_scale = _Resolved()
     affine = _Resolved()
@@ -179,8 +191,9 @@ class FewShotDataModule(L.LightningDataModule):
     def preprocessing(self) -> dict:
         """The settings the transforms use: explicit argument, else dataset default, else backbone, else default.
 
-        Keys: ``image_size``, ``mean``, ``std``, ``crop_pct``, ``hflip``, ``crop_scale``, ``affine`` and
-        ``interpolation`` (always ``"bicubic"``; what an exported ``pretrained_cfg`` should state).
+        Keys: ``image_size``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``, ``hflip``, ``crop_scale``, ``affine``
+        and ``interpolation`` (always ``"bicubic"``). The evaluation ones are what an export writes to its
+        ``pretrained_cfg`` (:func:`~visionlora.data.classification.presets.timm_data_config`).
         """
         given, source, backbone = self._explicit, self._source.preprocessing, self._backbone_config
         return {
@@ -188,6 +201,7 @@ class FewShotDataModule(L.LightningDataModule):
             "mean": tuple(_first(given["mean"], backbone.get("mean"), IMAGENET_MEAN)),
             "std": tuple(_first(given["std"], backbone.get("std"), IMAGENET_STD)),
             "crop_pct": _first(given["crop_pct"], source.get("crop_pct"), backbone.get("crop_pct"), DEFAULT_CROP_PCT),
+            "crop_mode": _first(given["crop_mode"], DEFAULT_CROP_MODE),
             "hflip": _first(given["hflip"], source.get("hflip"), True),
             "crop_scale": tuple(_first(given["crop_scale"], source.get("crop_scale"), DEFAULT_SCALE)),
             "affine": _first(given["affine"], source.get("affine"), False),
@@ -204,6 +218,10 @@ class FewShotDataModule(L.LightningDataModule):
         train_idx = self._draw_shots(pool.labels)
         if val is None and self.val_fraction > 0:
             val, train_idx = self._draw_val(pool, train_idx)
+            if not train_idx:  # else torch's num_samples=0 at the first epoch
+                raise ValueError(f"FewShotDataModule: no training image left in {self.dataset!r} (root {self.root}) "
+                                 f"after the validation draw: val_fraction={self.val_fraction} took all {len(pool)} "
+                                 "images of the training pool; lower val_fraction or give a val/ folder")
         self._parts = {"train": _subset(pool, train_idx), "test": test}
         if val is not None:
             self._parts["val"] = val

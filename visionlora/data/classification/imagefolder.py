@@ -7,8 +7,9 @@ Two layouts are understood:
 * ``root/<class>/...``: each class is split once, stratified and with a fixed seed, into a training pool and a test
   set, so the test set never changes with the few-shot seed.
 
-Every image is opened and decoded with PIL at scan time, so a corrupt or unreadable file is reported (or skipped)
-before training starts instead of crashing an epoch halfway through.
+Every image is opened and decoded with PIL at scan time (:func:`~visionlora.data.common.find_bad_images`, the scan
+the detection data module runs too), so a corrupt or unreadable file is reported (or skipped) before training
+starts instead of crashing an epoch halfway through.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from ..common import find_bad_images, report_bad_images
 from .sampling import stratified_split
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,6 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 BAD_IMAGE_POLICIES = ("skip", "error")
 SPLIT_SEED = 0
-_SHOWN_PATHS = 5  # paths quoted in the skip warning; the error lists up to _LISTED_PATHS
-_LISTED_PATHS = 20
 
 
 @dataclass(frozen=True)
@@ -113,14 +111,6 @@ def scan_imagefolder(
     return ImageFolderSplits(class_names, lists["train"], lists["test"], lists.get("val"), sorted(bad))
 
 
-def find_bad_images(paths: Sequence[Path], num_threads: int = 8) -> dict[Path, str]:
-    """``{path: reason}`` for every file PIL cannot open, verify and fully decode."""
-    # Decoding is mostly I/O and C code that releases the GIL, so threads speed up large folders.
-    with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(paths)))) as pool:
-        reasons = list(pool.map(_unreadable_reason, paths))
-    return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason is not None}
-
-
 def _layout(root: Path) -> dict[str, Path | None]:
     """``{"train": folder, "test": folder | None, "val": folder | None}`` for either layout."""
     if not root.is_dir():
@@ -184,30 +174,8 @@ def _image_files(folder: Path) -> list[Path]:
     ]
 
 
-def _unreadable_reason(path: Path) -> str | None:
-    try:
-        # verify() checks the container without decoding; load() then decodes every pixel (and catches truncation).
-        with Image.open(path) as image:
-            image.verify()
-        with Image.open(path) as image:
-            image.load()
-    except Exception as err:  # noqa: BLE001 - any failure of PIL on this file means "unreadable"
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
 def _handle_bad_images(root: Path, paths: list[Path], on_bad_image: str) -> set[Path]:
-    bad = find_bad_images(paths)
-    if not bad:
-        return set()
-    if on_bad_image == "error":
-        listed = "\n".join(f"  {path}: {reason}" for path, reason in sorted(bad.items())[:_LISTED_PATHS])
-        more = f"\n  ... and {len(bad) - _LISTED_PATHS} more" if len(bad) > _LISTED_PATHS else ""
-        raise ValueError(f"imagefolder: {len(bad)} unreadable image file(s) under {str(root)!r}:\n{listed}{more}")
-    shown = ", ".join(str(path) for path in sorted(bad)[:_SHOWN_PATHS])
-    more = ", ..." if len(bad) > _SHOWN_PATHS else ""
-    logger.warning("imagefolder: skipping %d unreadable image file(s) under %s: %s%s", len(bad), root, shown, more)
-    return set(bad)
+    return report_bad_images(find_bad_images(paths), "imagefolder", str(root), on_bad_image == "skip", logger)
 
 
 def _drop(images: ImageList, bad: set[Path], folder: Path, class_names: list[str]) -> ImageList:

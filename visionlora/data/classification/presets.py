@@ -1,16 +1,23 @@
-"""Albumentations pipelines for few-shot fine-tuning, and the backbone's preprocessing settings from timm.
+"""Preprocessing for few-shot fine-tuning: albumentations training augmentation, timm's own evaluation transform.
 
 Inputs are ``H x W x 3`` uint8 numpy arrays; outputs are float32 ``3 x S x S`` tensors normalised with the
-backbone's mean and std. The eval pipeline follows timm's ``crop_pct`` convention (resize the shorter side to
-``image_size / crop_pct``, then centre-crop), so a pretrained backbone sees test images the way it was evaluated.
-:func:`train_transform_from` and :func:`eval_transform_from` build both from the settings a data module resolved
-(``FewShotDataModule.preprocessing``), so every trainer of a classifier augments the same way.
+backbone's mean and std. Training augments with albumentations (OpenCV resizing). Evaluation is timm's eval
+transform (``timm.data.create_transform``: PIL bicubic resize and ``crop_pct``/``crop_mode`` crop) of the six
+fields :func:`timm_data_config` gives, the fields a merged export writes to its ``config.json``: a client that
+loads the export with timm alone and builds its transform from that config preprocesses test images exactly as
+validation, test and the export check did. :func:`train_transform_from` and :func:`eval_transform_from` build both
+from the settings a data module resolved (``FewShotDataModule.preprocessing``), so every trainer and predictor of a
+classifier uses the same ones.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
 
 # albumentations checks PyPI for a newer version on every import (a network call with a 2 s timeout); that is
 # noise on offline training machines. An explicit setting by the user still wins.
@@ -26,10 +33,14 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_CROP_PCT = 0.875
 DEFAULT_SCALE: tuple[float, float] = (0.6, 1.0)
+DEFAULT_CROP_MODE = "center"
+CROP_MODES = ("center", "squash", "border")  # timm's eval crop modes
 DATA_CONFIG_KEYS = ("image_size", "mean", "std", "crop_pct")
+# What an exported config.json states and timm.data.create_transform takes: evaluation is built from exactly these.
+TIMM_DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 _TIMM_ONLY_KEYS = ("input_size", "interpolation", "crop_mode")
 # Bicubic like timm's eval default; few-shot images are often upscaled a lot (8x8 digits to 224), where bilinear
-# blurs more. cv2 clips the overshoot back into uint8.
+# blurs more. cv2 clips the overshoot back into uint8. Training resizes with cv2, evaluation with PIL (timm's).
 INTERPOLATION = cv2.INTER_CUBIC
 INTERPOLATION_NAME = "bicubic"  # the same, in timm's ``pretrained_cfg`` vocabulary
 # The random affine of ``affine=True``: about how much people's drawings of one Omniglot character differ in slant,
@@ -75,35 +86,92 @@ def train_transform(
     return A.Compose(steps)
 
 
+class EvalTransform:
+    """timm's evaluation transform, called like the albumentations pipelines: ``transform(image=...)["image"]``.
+
+    ``image`` is an ``H x W x 3`` uint8 array (turned into a PIL image first, pixel for pixel) or a PIL image.
+
+    Attributes:
+        data_config: The six fields of :data:`TIMM_DATA_CONFIG_KEYS` it was built from (an export's config.json).
+        transform: timm's own pipeline (a torchvision ``Compose``: PIL image in, normalised tensor out).
+    """
+
+    def __init__(self, data_config: Mapping[str, object]) -> None:
+        # Imported here so that the training pipelines do not pay for importing timm.
+        from timm.data import create_transform
+
+        self.data_config = {key: data_config[key] for key in TIMM_DATA_CONFIG_KEYS}
+        self.transform = create_transform(**self.data_config, is_training=False)
+
+    def __call__(self, *, image: np.ndarray | Image.Image) -> dict[str, torch.Tensor]:
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"EvalTransform: expected an H x W x 3 uint8 array, got {image.shape} {image.dtype}")
+            image = Image.fromarray(image)
+        elif image.mode != "RGB":
+            image = image.convert("RGB")
+        return {"image": self.transform(image)}
+
+    def __repr__(self) -> str:
+        return f"EvalTransform({self.data_config})"
+
+
 def eval_transform(
     image_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     crop_pct: float = DEFAULT_CROP_PCT,
-) -> A.Compose:
-    """Deterministic evaluation pipeline: resize, centre crop, normalisation.
+    crop_mode: str = DEFAULT_CROP_MODE,
+    interpolation: str = INTERPOLATION_NAME,
+) -> EvalTransform:
+    """Deterministic evaluation pipeline, timm's: resize, crop, normalisation (see :class:`EvalTransform`).
 
     Args:
         image_size: Side of the square output.
         mean: Per-channel mean, on the 0..1 scale.
         std: Per-channel standard deviation, on the 0..1 scale.
-        crop_pct: Share of the resized image kept by the centre crop, in ``(0, 1]``. Below 1 the shorter side is
-            resized to ``floor(image_size / crop_pct)`` (aspect ratio kept) and the centre cropped, as timm does;
-            at 1.0 the whole image is resized to ``image_size x image_size`` (aspect ratio not kept), so nothing
-            is cut off.
+        crop_pct: Share of the resized image kept by the centre crop, in ``(0, 1]``: the image is resized to
+            ``floor(image_size / crop_pct)`` (how depends on ``crop_mode``) and the centre ``image_size`` square
+            kept, as timm does.
+        crop_mode: timm's ``"center"`` (the shorter side is resized, aspect ratio kept: the long side of a
+            non-square image is cut even at ``crop_pct=1``), ``"squash"`` (both sides resized, aspect ratio not kept:
+            nothing is cut at ``crop_pct=1``) or ``"border"`` (the longer side, padded with the mean colour).
+        interpolation: timm's name of the PIL resize filter (``"bicubic"``, ``"bilinear"``, ...).
 
     Returns:
         A pipeline called as ``transform(image=array)["image"]``.
     """
-    _check_size(image_size)
+    return eval_transform_from({"image_size": image_size, "mean": mean, "std": std, "crop_pct": crop_pct,
+                                "crop_mode": crop_mode, "interpolation": interpolation})
+
+
+def timm_data_config(preprocessing: Mapping[str, object]) -> dict:
+    """The six fields timm builds an evaluation transform from, of resolved preprocessing settings.
+
+    They are what a merged export writes to its ``config.json`` (``pretrained_cfg``) and what
+    :func:`eval_transform_from` hands to ``timm.data.create_transform``, so the two cannot differ.
+
+    Args:
+        preprocessing: ``image_size``, ``mean``, ``std``, ``crop_pct`` and optionally ``crop_mode`` (default
+            ``"center"``) and ``interpolation`` (default ``"bicubic"``), as ``FewShotDataModule.preprocessing``.
+
+    Returns:
+        ``{"input_size": (3, S, S), "interpolation", "mean", "std", "crop_pct", "crop_mode"}``.
+
+    Raises:
+        ValueError: An image size below 1, ``crop_pct`` outside ``(0, 1]`` or an unknown ``crop_mode``.
+    """
+    size, crop_pct = int(preprocessing["image_size"]), float(preprocessing["crop_pct"])
+    crop_mode = preprocessing.get("crop_mode") or DEFAULT_CROP_MODE
+    _check_size(size)
     if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"eval_transform: crop_pct must be in (0, 1], got {crop_pct}")
-    if crop_pct == 1.0:
-        resize: list[A.BasicTransform] = [A.Resize(image_size, image_size, interpolation=INTERPOLATION)]
-    else:
-        scaled = int(image_size / crop_pct)
-        resize = [A.SmallestMaxSize(max_size=scaled, interpolation=INTERPOLATION), A.CenterCrop(image_size, image_size)]
-    return A.Compose([*resize, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()])
+        raise ValueError(f"eval transform: crop_pct must be in (0, 1], got {crop_pct}")
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"eval transform: crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
+    mean, std = (tuple(float(v) for v in preprocessing[key]) for key in ("mean", "std"))
+    interpolation = preprocessing.get("interpolation") or INTERPOLATION_NAME
+    return {"input_size": (3, size, size), "interpolation": interpolation, "mean": mean, "std": std,
+            "crop_pct": crop_pct, "crop_mode": crop_mode}
 
 
 def train_transform_from(preprocessing: Mapping[str, object]) -> A.Compose:
@@ -118,10 +186,20 @@ def train_transform_from(preprocessing: Mapping[str, object]) -> A.Compose:
     return with_random_affine(transform) if preprocessing.get("affine") else transform
 
 
-def eval_transform_from(preprocessing: Mapping[str, object]) -> A.Compose:
-    """The evaluation pipeline of resolved preprocessing settings (``image_size``, ``mean``, ``std``, ``crop_pct``)."""
-    return eval_transform(preprocessing["image_size"], preprocessing["mean"], preprocessing["std"],
-                          preprocessing["crop_pct"])
+def eval_transform_from(preprocessing: Mapping[str, object]) -> EvalTransform:
+    """The evaluation transform of resolved preprocessing settings: validation, test, export checks, prediction.
+
+    It is ``timm.data.create_transform(**timm_data_config(preprocessing))`` on PIL images, the transform a client
+    builds from an exported ``config.json`` with timm alone (see :func:`timm_data_config`).
+
+    Args:
+        preprocessing: ``image_size``, ``mean``, ``std``, ``crop_pct`` and optionally ``crop_mode`` and
+            ``interpolation``, as ``FewShotDataModule.preprocessing`` returns them (other keys are ignored).
+
+    Returns:
+        An :class:`EvalTransform`, called as ``transform(image=array_or_pil)["image"]``.
+    """
+    return EvalTransform(timm_data_config(preprocessing))
 
 
 def with_random_affine(transform: A.Compose) -> A.Compose:
@@ -151,8 +229,8 @@ def normalize_data_config(config: dict) -> dict:
     """Our ``image_size/mean/std/crop_pct`` keys from either those keys or timm's ``resolve_data_config`` output.
 
     timm's ``input_size`` (``(C, H, W)``, square only) becomes ``image_size``; its ``interpolation`` and
-    ``crop_mode`` are dropped (the pipelines here always use bicubic resizing and a centre crop). Missing keys stay
-    missing. Any other key raises, so a misspelt setting is not silently ignored.
+    ``crop_mode`` are dropped (resizing here is always bicubic; the crop mode is the data module's ``crop_mode``).
+    Missing keys stay missing. Any other key raises, so a misspelt setting is not silently ignored.
     """
     unknown = sorted(set(config) - set(DATA_CONFIG_KEYS) - set(_TIMM_ONLY_KEYS))
     if unknown:

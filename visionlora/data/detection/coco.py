@@ -10,6 +10,12 @@ Category ids, which COCO leaves sparse (1..90 for 80 classes), become contiguous
 order; label 0 is the background, as torchvision's detectors expect. Crowd annotations (``iscrowd=1``) are valid
 COCO but mark regions a plain detector cannot learn from; like torchvision's reference scripts and TFA's
 few-shot sampler, they are left out of the targets (and counted in a log line).
+
+:func:`check_image_files` is the second half of the check, run by the data module at setup on every split: each
+image file is decoded once (the classification scan, :func:`~visionlora.data.common.find_bad_images`), unreadable
+ones are dropped with one counted warning or raise, and a file whose stored size differs from its record's
+``width``/``height`` is an error (the boxes would be misplaced). Pixels count as stored, COCO's convention: the
+EXIF orientation is not applied.
 """
 
 from __future__ import annotations
@@ -18,14 +24,21 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from ..common import find_bad_images, report_bad_images
 
 logger = logging.getLogger(__name__)
 
 BAD_POLICIES = ("drop", "error")
+_LISTED_MISMATCHES = 5  # size mismatches quoted in the error
+_EXIF_ORIENTATION = 0x0112
+_EXIF_TURNS = frozenset({5, 6, 7, 8})  # orientations that swap width and height
 CLIP_TOLERANCE = 1.0  # pixels a box may pass the border by (rounding) before it counts as a problem
 PROBLEMS = {
     "unknown_image": "annotation refers to an image id missing from 'images'",
@@ -137,6 +150,49 @@ def load_coco(
     if num_crowd or num_empty:
         logger.info("coco: %s: left out %d crowd annotations and %d empty images", path, num_crowd, num_empty)
     return CocoSplit(records, class_names, category_ids, problems.counts, num_crowd, num_empty)
+
+
+def check_image_files(records: Sequence[DetectionRecord], on_bad: str, where: str | os.PathLike
+                      ) -> list[DetectionRecord]:
+    """Decode every record's image file; leave out (``"drop"``) or raise on (``"error"``) unreadable ones.
+
+    Args:
+        records: What :func:`load_coco` returned (their files exist).
+        on_bad: ``"drop"``: one warning with the count and first paths, the records left out; ``"error"``: a
+            ValueError listing the files and why PIL cannot read them.
+        where: The annotation file, for the messages.
+
+    Returns:
+        The records whose image decodes, in their order.
+
+    Raises:
+        ValueError: Unreadable files with ``on_bad="error"``, or (either way) an image whose stored size is not
+            its record's ``width`` x ``height``, naming the file and both sizes.
+    """
+    if on_bad not in BAD_POLICIES:
+        raise ValueError(f"check_image_files: on_bad must be one of {BAD_POLICIES}, got {on_bad!r}")
+    bad = find_bad_images([record.path for record in records])
+    dropped = report_bad_images(bad, "coco", str(where), on_bad == "drop", logger)
+    kept = [record for record in records if record.path not in dropped]
+    _check_sizes(kept, where)
+    return kept
+
+
+def _check_sizes(records: Sequence[DetectionRecord], where: str | os.PathLike) -> None:
+    """Raise naming the images whose stored size differs from their record (boxes are in the record's frame)."""
+    wrong = []
+    for record in records:
+        with Image.open(record.path) as image:  # only the header is read
+            size = image.size
+            turned = image.getexif().get(_EXIF_ORIENTATION, 1) in _EXIF_TURNS
+        if size != (record.width, record.height):
+            hint = " (its EXIF orientation turns it: COCO sizes and boxes are of the stored pixels)" if turned else ""
+            wrong.append(f"{record.path} is {size[0]}x{size[1]} but its annotation record says "
+                         f"{record.width}x{record.height} (image id {record.image_id}){hint}")
+    if wrong:
+        more = f"; and {len(wrong) - _LISTED_MISMATCHES} more" if len(wrong) > _LISTED_MISMATCHES else ""
+        raise ValueError(f"coco: {where}: {len(wrong)} image(s) differ in size from their annotation record: "
+                         f"{'; '.join(wrong[:_LISTED_MISMATCHES])}{more}")
 
 
 class _Problems:

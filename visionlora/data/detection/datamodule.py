@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from ..common import seed_transform, seed_worker
 from ..sources import DetectionSource, detection_source
 from ..sources.synthetic_scenes import ensure_synthetic_scenes
-from .coco import BAD_POLICIES, CocoSplit, DetectionRecord, load_coco
+from .coco import BAD_POLICIES, CocoSplit, DetectionRecord, check_image_files, load_coco
 from .dataset import DetectionDataset, collate_detection
 from .presets import DEFAULT_SCALE, eval_detection_transform, train_detection_transform
 from .sampling import InstanceSample, sample_k_instances, write_fewshot_selection
@@ -68,7 +68,8 @@ class CocoDetectionDataModule(L.LightningDataModule):
         scale: Range of the random rescale in training (see
             :func:`~visionlora.data.detection.presets.train_detection_transform`).
         on_bad: ``"drop"`` or ``"error"``: what :func:`~visionlora.data.detection.coco.load_coco` does with bad
-            annotations and missing image files.
+            annotations and missing image files, and the setup scan with unreadable ones (dropped with one counted
+            warning naming them, or an error listing them).
         keep_empty_images: With ``shots=None``, keep training images that have no annotation (as negatives).
             The K-instance draw never picks them; validation and test always keep them.
         run_dir: When set, ``setup`` writes the chosen image ids and counts per class to
@@ -145,22 +146,38 @@ class CocoDetectionDataModule(L.LightningDataModule):
             ensure_synthetic_scenes(self.root, **scenes)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and check every split and draw the K-shot training set; runs once, later calls return."""
+        """Read and check every split and draw the K-shot training set; runs once, later calls return.
+
+        Every image file of every split is decoded here, before training: unreadable ones follow ``on_bad`` and a
+        file whose size differs from its record's is an error, so no epoch (nor the test after a whole fit) crashes
+        on one.
+        """
         if self._parts is not None:
             return
         self.prepare_data()  # idempotent and atomic, so safe on every rank; covers setup() without a Trainer
         splits = {split: self._load(split) for split in SPLITS if self._paths[split] is not None}
-        self._parts = {split: loaded.records for split, loaded in splits.items()}
+        train_json = self._paths["train"][0]
+        # Checked before any image is decoded: a training json without boxes is a mistake, found in a second.
+        if not _has_boxes(splits["train"].records):
+            raise ValueError(f"CocoDetectionDataModule: the train split ({train_json}) has no annotations to train on "
+                             "(crowd and unusable annotations do not count)")
+        self._parts = {split: check_image_files(loaded.records, self.on_bad, self._paths[split][0])
+                       for split, loaded in splits.items()}  # fmt: skip
+        _require_training_boxes(self._parts["train"], train_json, "once the unreadable image files were left out")
         if self.shots is not None:
-            self.selection = sample_k_instances(self._parts["train"], self.shots, self.seed, self._class_names)
-            self._parts["train"] = self.selection.records
-            counts = {self._class_names[label - 1]: n for label, n in self.selection.counts.items()}
-            logger.info("CocoDetectionDataModule: %d training images, instances per class %s",
-                        len(self._parts["train"]), counts)  # fmt: skip
-            if self.run_dir is not None:
-                info = {"dataset": self.dataset, "annotations": str(self._paths["train"][0])}
-                info |= {"shots": self.shots, "seed": self.seed}
-                write_fewshot_selection(Path(self.run_dir) / SELECTION_FILE, self.selection, self._class_names, **info)
+            self._draw_shots(train_json)
+
+    def _draw_shots(self, train_json: Path) -> None:
+        """Keep the K-shot draw of the training pool (and write the selection file when ``run_dir`` is set)."""
+        self.selection = sample_k_instances(self._parts["train"], self.shots, self.seed, self._class_names)
+        self._parts["train"] = self.selection.records
+        _require_training_boxes(self._parts["train"], train_json, f"after the {self.shots}-shot draw")
+        counts = {self._class_names[label - 1]: n for label, n in self.selection.counts.items()}
+        logger.info("CocoDetectionDataModule: %d training images, instances per class %s",
+                    len(self._parts["train"]), counts)  # fmt: skip
+        if self.run_dir is not None:
+            info = {"dataset": self.dataset, "annotations": str(train_json), "shots": self.shots, "seed": self.seed}
+            write_fewshot_selection(Path(self.run_dir) / SELECTION_FILE, self.selection, self._class_names, **info)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches with seeded augmentation (order and augmentation repeat for a given seed)."""
@@ -256,6 +273,16 @@ class CocoDetectionDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+
+def _has_boxes(records: list[DetectionRecord]) -> bool:
+    return any(len(record.labels) for record in records)
+
+
+def _require_training_boxes(records: list[DetectionRecord], train_json: Path, when: str) -> None:
+    """Raise naming the training json when no training image with a box is left (torch would say num_samples=0)."""
+    if not _has_boxes(records):
+        raise ValueError(f"CocoDetectionDataModule: no training image left in the train split ({train_json}) {when}")
 
 
 def _check_arguments(dataset, shots, seed, batch_size, eval_batch_size, num_workers, image_size, on_bad) -> None:

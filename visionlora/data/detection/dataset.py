@@ -38,7 +38,7 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         record = self.records[index]
-        image = load_rgb(record.path)
+        image = load_rgb(record.path, exif_transpose=False)  # COCO: boxes refer to the stored pixels
         if image.shape[:2] != (record.height, record.width):
             # Boxes are in the json's pixel frame; a different file size would silently misplace every box.
             raise ValueError(
