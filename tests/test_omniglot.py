@@ -177,7 +177,10 @@ def test_shipped_omniglot_config_builds_with_the_real_data(omniglot_root, tmp_pa
 
 
 def test_bundled_resnet_omniglot_one_shot_error_matches_its_model_card(runs):
-    """Cosine nearest class mean on the frozen bundled backbone: 43 of the 400 test items wrong (10.75%)."""
+    """Cosine nearest class mean on the frozen bundled backbone: 41 of the 400 test items wrong (10.25%).
+
+    With timm's evaluation transform (PIL resize), the one exports and prediction use too; the OpenCV resize used
+    before gave 43 (10.75%)."""
     import timm
 
     from visionlora.data.classification.presets import data_config_from_model, eval_transform
@@ -194,4 +197,4 @@ def test_bundled_resnet_omniglot_one_shot_error_matches_its_model_card(runs):
                           for images in (run.train_images, run.test_images))
         predicted = nearest_class_mean(support, torch.as_tensor(run.train_labels), query)
         wrong += int((predicted.numpy() != run.test_labels).sum())
-    assert abs(wrong - 43) <= 1  # one item of slack for a different CPU's float rounding
+    assert abs(wrong - 41) <= 1  # one item of slack for a different CPU's float rounding

@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from visionlora.data import timm_data_config
 from visionlora.files import staged_folder
 from visionlora.models import save_backbone
 
@@ -36,8 +37,7 @@ def export_pretrained_backbone(model: nn.Module, folder: str | Path, *, architec
     The folder is built beside its target and replaces an earlier one only once complete.
     """
     size = preprocessing["image_size"]
-    data_config = {"input_size": (3, size, size), "mean": preprocessing["mean"], "std": preprocessing["std"],
-                   "crop_pct": preprocessing["crop_pct"], "interpolation": preprocessing["interpolation"]}
+    data_config = timm_data_config(preprocessing)
     folder = Path(folder)
     with staged_folder(folder, replace=True) as staging:
         save_backbone(model, staging, data_config=data_config, label_names=class_names)
