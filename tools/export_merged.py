@@ -7,7 +7,7 @@
         --pretrained-file local-dir:data/weights/resnet_digits --out exported/digits --onnx
 
 A detection run (its checkpoint names a ``detector``) is written as a folder that
-``visionlora.models.detection.load_merged_detector`` rebuilds without LoRA code. Every export is checked against
+``visionlora.models.load_merged_detector`` rebuilds without LoRA code. Every export is checked against
 the adapted model; exit codes: 0 written, 1 check failed (nothing written),
 2 bad input (nothing written).
 """

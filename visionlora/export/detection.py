@@ -241,7 +241,7 @@ def _run_data(datamodule_hparams: dict | None, sample_size: int):
         logger.warning("export: the run's data cannot be loaded (%s); checking on random images", error)
         return None, None, None, None
     try:
-        images = data.sample_batch(sample_size)
+        images = data.sample_batch(sample_size) if sample_size else None
     except (FileNotFoundError, ValueError) as error:
         logger.warning("export: no evaluation images (%s); checking on random images", error)
         images = None

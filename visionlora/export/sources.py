@@ -209,7 +209,7 @@ def _run_data(datamodule_hparams: dict | None, model: nn.Module, sample_size: in
     try:
         data = FewShotDataModule(**kwargs)
         data.set_data_config(timm.data.resolve_model_data_config(model))
-        images = data.sample_batch(min(sample_size, data.num_classes * 2))
+        images = data.sample_batch(min(sample_size, data.num_classes * 2)) if sample_size else None
     except (FileNotFoundError, ValueError, TypeError) as error:
         logger.warning("export: the run's data cannot be loaded (%s); verifying on random inputs", error)
         return None, None, data_config
