@@ -5,8 +5,9 @@
     python tools/fewshot_benchmark.py --config configs/benchmark/default.yaml --methods ncm lora-r4 --seeds 0 1
 
 Each finished cell is appended to <out>/results.csv; rerunning the same command skips finished cells (Ctrl-C
-safe). At the end <out>/summary.md holds the mean ± 95% CI table, with accuracy_vs_shots.png and
-accuracy_vs_params.png beside it. Exit code 2 on a bad config.
+safe); a folder holding cells of other settings is refused. At the end <out>/summary.md holds the mean ± 95% CI
+table, with accuracy_vs_shots.png and accuracy_vs_params.png beside it. Exit code 2 on a bad config, before any
+cell runs.
 """
 
 import argparse
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from visionlora.benchmark import SweepConfig, run_sweep
+from visionlora.benchmark import SweepConfig, execute_sweep, prepare_sweep
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "benchmark" / "default.yaml"
 OVERRIDES = {"methods": str, "shots": int, "seeds": int, "runs": int}
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("timm").setLevel(logging.WARNING)  # one "loaded weights" line per cell is noise here
     try:
         config = load_config(args)
-    except (ValueError, TypeError, yaml.YAMLError) as error:
+        plan = prepare_sweep(config)  # every check, before the first cell
+    except (ValueError, TypeError, FileNotFoundError, yaml.YAMLError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_sweep(config, progress=not args.no_progress)
+    execute_sweep(plan, progress=not args.no_progress)
     print(f"\nresults: {config.output_dir}/results.csv, summary.md and plots")
     return 0
 

@@ -11,10 +11,11 @@ import torch
 from tqdm import tqdm
 
 from .cells import Backbone, Budget, CellData, run_cell
-from .methods import parse_method
+from .methods import MethodSpec, parse_method
 from .plots import plot_accuracy_vs_params, plot_accuracy_vs_shots, plot_error_with_references
 from .protocols import PROTOCOLS, CellKey, data_module, episodic_cells, kshot_cells, omniglot_cells
 from .results import ResultsLog, markdown_table, summarise
+from .settings import check_same_settings, method_settings, sweep_settings
 
 logger = logging.getLogger(__name__)
 
@@ -91,36 +92,101 @@ class SweepConfig:
         return Path(self.out or f"runs/fewshot_benchmark/{self.name}")
 
 
-def run_sweep(config: SweepConfig, progress: bool = True) -> list[dict]:
-    """Run every cell not yet in ``<out>/results.csv``, then write ``summary.md`` and the plots; returns the summary."""
-    out = config.output_dir
+@dataclass
+class PlannedCell:
+    """One (method, cell) of a sweep: its method, its row key in ``results.csv`` (settings included) and its data."""
+
+    spec: MethodSpec
+    row: dict
+    key: CellKey
+    data: CellData
+
+
+@dataclass
+class SweepPlan:
+    """A checked sweep, nothing run and nothing written yet (:func:`prepare_sweep`); :func:`execute_sweep` runs it."""
+
+    config: SweepConfig
+    backbone: Backbone
+    preprocessing: dict
+    settings: dict[str, str]  # the sweep-wide settings every row carries (settings.sweep_settings)
+    log: ResultsLog
+    cells: list[PlannedCell]
+
+
+@dataclass
+class SweepOutcome:
+    """What :func:`execute_sweep` did: the summary of this sweep's finished cells, how many of how many."""
+
+    summary: list[dict]
+    finished: int
+    total: int
+    interrupted: bool
+
+
+def prepare_sweep(config: SweepConfig) -> SweepPlan:
+    """Every check a sweep needs before its first cell: data, weights, methods, and the results already in ``<out>``.
+
+    Raises:
+        ValueError, FileNotFoundError: One line naming what is wrong, e.g. a results folder holding cells of
+            other settings (see :func:`~visionlora.benchmark.settings.check_same_settings`).
+    """
+    specs = [parse_method(method) for method in config.methods]
+    backbone = Backbone(config.backbone, config.pretrained, config.pretrained_file, config.model_args)
+    log = ResultsLog(config.output_dir / "results.csv")
+    preprocessing, cells = _cells(config, backbone)
+    sweep = sweep_settings(config, backbone, preprocessing)
+    per_method = {spec.name: method_settings(sweep, spec) for spec in specs}
+    check_same_settings(log.rows, sweep, per_method, log.path)
+    planned = [PlannedCell(spec, per_method[spec.name] | {"method": spec.name, "ways": key.ways, "shots": key.shots,
+                                                          "trial": key.trial}, key, data)
+               for key, data in cells for spec in specs]
+    return SweepPlan(config, backbone, preprocessing, sweep, log, planned)
+
+
+def execute_sweep(plan: SweepPlan, progress: bool = True) -> SweepOutcome:
+    """Run every planned cell not yet in ``results.csv`` (each appended once finished), then write the report.
+
+    Ctrl-C stops after the running cell, which is lost; the report then says how many cells it holds.
+    """
+    config, log = plan.config, plan.log
     if config.threads:
         torch.set_num_threads(config.threads)
-    log = ResultsLog(out / "results.csv")
-    backbone = Backbone(config.backbone, config.pretrained, config.pretrained_file, config.model_args)
-    preprocessing, cells = _cells(config, backbone)
-    todo = [(spec, key, data) for key, data in cells for spec in map(parse_method, config.methods)
-            if not log.done(_row_key(config, spec.name, key))]
-    logger.info("%d cells to run (%d already in %s)", len(todo), len(log.rows), log.path)
+    todo = [cell for cell in plan.cells if not log.done(cell.row)]
+    logger.info("%d cells to run (%d already in %s)", len(todo), len(plan.cells) - len(todo), log.path)
+    interrupted = False
     try:
-        for spec, key, data in tqdm(todo, desc=f"{config.name} cells", disable=not progress):
-            result = run_cell(spec, backbone, data, preprocessing, _budget(config), seed=key.trial)
-            log.append(_row_key(config, spec.name, key) | {
+        for cell in tqdm(todo, desc=f"{config.name} cells", disable=not progress):
+            result = run_cell(cell.spec, plan.backbone, cell.data, plan.preprocessing, _budget(config),
+                              seed=cell.key.trial)
+            log.append(cell.row | {
                 "accuracy": result.accuracy, "trainable_params": result.trainable_params,
                 "total_params": result.total_params, "seconds": round(result.seconds, 2)})
     except KeyboardInterrupt:
+        interrupted = True
         print(f"\ninterrupted: finished cells are in {log.path}; rerun the same command to continue")
-    summary = summarise([r for r in log.rows if r["protocol"] == config.protocol])
-    write_report(config, summary, out)
-    return summary
+    rows = [log.get(cell.row) for cell in plan.cells if log.done(cell.row)]
+    summary = summarise(rows)
+    write_report(config, summary, config.output_dir, weights_sha256=plan.settings["weights_sha256"])
+    return SweepOutcome(summary, len(rows), len(plan.cells), interrupted)
 
 
-def write_report(config: SweepConfig, summary: list[dict], out: Path) -> None:
-    """``summary.md`` (the table, plus the published references for Omniglot) and the two PNGs."""
+def run_sweep(config: SweepConfig, progress: bool = True) -> list[dict]:
+    """Run every cell not yet in ``<out>/results.csv``, then write ``summary.md`` and the plots; returns the summary
+    (of this sweep's cells only)."""
+    return execute_sweep(prepare_sweep(config), progress).summary
+
+
+def write_report(config: SweepConfig, summary: list[dict], out: Path, weights_sha256: str = "") -> None:
+    """``summary.md`` (the table, plus the published references for Omniglot) and the two PNGs.
+
+    ``summary`` must hold only cells of ``config``'s settings, which its header names.
+    """
     omniglot = config.protocol == "omniglot"
     table = markdown_table(summary, error_rate=omniglot, order=config.methods)
     dataset = "omniglot (official runs)" if omniglot else config.dataset
-    weights = f" ({config.pretrained_file})" if config.pretrained_file else ""
+    digest = f", sha256 {weights_sha256[:12]}" if weights_sha256 else ""
+    weights = f" ({config.pretrained_file}{digest})" if config.pretrained_file else ""
     lines = [f"# {config.name}: {config.protocol} on {dataset}, backbone {config.backbone}{weights}", "",
              f"{config.steps} AdamW steps per cell, batch {config.batch_size}; mean ± 95% CI (Student t) over "
              f"{'runs' if omniglot else 'episodes' if config.protocol == 'episodic' else 'seeds'}.", "", table]
@@ -162,8 +228,3 @@ def _backbone_data_config(backbone: Backbone) -> dict:
 
 def _budget(config: SweepConfig) -> Budget:
     return Budget(steps=config.steps, batch_size=config.batch_size, warmup_fraction=config.warmup_fraction)
-
-
-def _row_key(config: SweepConfig, method: str, key: CellKey) -> dict:
-    return {"protocol": config.protocol, "dataset": config.dataset if config.protocol != "omniglot" else "omniglot",
-            "backbone": config.backbone, "method": method, "ways": key.ways, "shots": key.shots, "trial": key.trial}
