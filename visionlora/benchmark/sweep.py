@@ -10,6 +10,8 @@ import timm
 import torch
 from tqdm import tqdm
 
+from visionlora.files import write_text_atomic
+
 from .cells import Backbone, Budget, CellData, run_cell
 from .methods import MethodSpec, parse_method
 from .plots import plot_accuracy_vs_params, plot_accuracy_vs_shots, plot_error_with_references
@@ -167,7 +169,8 @@ def execute_sweep(plan: SweepPlan, progress: bool = True) -> SweepOutcome:
         print(f"\ninterrupted: finished cells are in {log.path}; rerun the same command to continue")
     rows = [log.get(cell.row) for cell in plan.cells if log.done(cell.row)]
     summary = summarise(rows)
-    write_report(config, summary, config.output_dir, weights_sha256=plan.settings["weights_sha256"])
+    write_report(config, summary, config.output_dir, weights_sha256=plan.settings["weights_sha256"],
+                 finished=len(rows), total=len(plan.cells))
     return SweepOutcome(summary, len(rows), len(plan.cells), interrupted)
 
 
@@ -177,31 +180,40 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[dict]:
     return execute_sweep(prepare_sweep(config), progress).summary
 
 
-def write_report(config: SweepConfig, summary: list[dict], out: Path, weights_sha256: str = "") -> None:
+def write_report(config: SweepConfig, summary: list[dict], out: Path, weights_sha256: str = "",
+                 finished: int | None = None, total: int | None = None) -> None:
     """``summary.md`` (the table, plus the published references for Omniglot) and the two PNGs.
 
-    ``summary`` must hold only cells of ``config``'s settings, which its header names.
+    ``summary`` must hold only cells of ``config``'s settings, which its header names. With ``finished`` below
+    ``total`` (an interrupted sweep) the summary's first line and the plot titles say "k of n cells".
     """
     omniglot = config.protocol == "omniglot"
     table = markdown_table(summary, error_rate=omniglot, order=config.methods)
     dataset = "omniglot (official runs)" if omniglot else config.dataset
     digest = f", sha256 {weights_sha256[:12]}" if weights_sha256 else ""
     weights = f" ({config.pretrained_file}{digest})" if config.pretrained_file else ""
-    lines = [f"# {config.name}: {config.protocol} on {dataset}, backbone {config.backbone}{weights}", "",
-             f"{config.steps} AdamW steps per cell, batch {config.batch_size}; mean ± 95% CI (Student t) over "
-             f"{'runs' if omniglot else 'episodes' if config.protocol == 'episodic' else 'seeds'}.", "", table]
+    partial = finished is not None and total is not None and finished < total
+    lines = [f"**Partial summary: {finished} of {total} cells** (interrupted; rerun the same command to run the "
+             f"rest).", ""] if partial else []
+    lines += [f"# {config.name}: {config.protocol} on {dataset}, backbone {config.backbone}{weights}", "",
+              f"{config.steps} AdamW steps per cell, batch {config.batch_size}; mean ± 95% CI (Student t) over "
+              f"{'runs' if omniglot else 'episodes' if config.protocol == 'episodic' else 'seeds'}"
+              f"{f'; {total} cells' if total is not None and not partial else ''}.", "", table]
     if omniglot:
         lines += ["", "Published references (20-way 1-shot error %, same 20 runs):", "",
                   *[f"- {name}: {error}%" for name, error in OMNIGLOT_REFERENCES.items()]]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
+    if not summary:
+        return
+    marker = f" (partial: {finished} of {total} cells)" if partial else ""
     if omniglot:
         order = {m: i for i, m in enumerate(config.methods)}
         ordered = sorted(summary, key=lambda s: order.get(s["method"], len(order)))
         plot_error_with_references(ordered, OMNIGLOT_REFERENCES, out / "error_vs_references.png",
-                                   "Omniglot 20-way 1-shot, 20 official runs")
+                                   f"Omniglot 20-way 1-shot, 20 official runs{marker}")
         return
-    title = f"{config.dataset}, {config.backbone}"
+    title = f"{config.dataset}, {config.backbone}{marker}"
     plot_accuracy_vs_shots(summary, out / "accuracy_vs_shots.png", title)
     plot_accuracy_vs_params(summary, out / "accuracy_vs_params.png", title)
 
