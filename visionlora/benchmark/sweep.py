@@ -12,10 +12,20 @@ from tqdm import tqdm
 
 from visionlora.files import write_text_atomic
 
-from .cells import Backbone, Budget, CellData, run_cell
+from .cells import Backbone, Budget, CellData, has_attention, run_cell
 from .methods import MethodSpec, parse_method
 from .plots import plot_accuracy_vs_params, plot_accuracy_vs_shots, plot_error_with_references
-from .protocols import PROTOCOLS, CellKey, data_module, episodic_cells, kshot_cells, omniglot_cells
+from .protocols import (
+    NUM_RUNS,
+    PROTOCOLS,
+    CellKey,
+    check_runs_root,
+    data_module,
+    episodic_cells,
+    kshot_cells,
+    omniglot_cells,
+    runs_preprocessing,
+)
 from .results import ResultsLog, markdown_table, summarise
 from .settings import check_same_settings, method_settings, sweep_settings
 
@@ -87,6 +97,7 @@ class SweepConfig:
             raise ValueError(f"{source}: root is not set; pass --root DIR ({what})")
         for method in config.methods:
             parse_method(method)  # fail before any training on a misspelt method
+        _check_cell_choices(config, set(values), source)
         return config
 
     @property
@@ -135,6 +146,7 @@ def prepare_sweep(config: SweepConfig) -> SweepPlan:
     """
     specs = [parse_method(method) for method in config.methods]
     backbone = Backbone(config.backbone, config.pretrained, config.pretrained_file, config.model_args)
+    _check_methods_fit(specs, backbone)
     log = ResultsLog(config.output_dir / "results.csv")
     preprocessing, cells = _cells(config, backbone)
     sweep = sweep_settings(config, backbone, preprocessing)
@@ -219,15 +231,65 @@ def write_report(config: SweepConfig, summary: list[dict], out: Path, weights_sh
 
 
 def _cells(config: SweepConfig, backbone: Backbone) -> tuple[dict, list[tuple[CellKey, CellData]]]:
-    dataset = "omniglot" if config.protocol == "omniglot" else config.dataset
-    data = data_module(dataset, config.root, config.classes)
+    if config.protocol == "omniglot":  # the runs and the bundled weights only: no background archives needed
+        check_runs_root(config.root)
+        cells = list(omniglot_cells(config.root, config.runs))
+        return runs_preprocessing(_backbone_data_config(backbone)), cells
+    data = data_module(config.dataset, config.root, config.classes)
     data.set_data_config(_backbone_data_config(backbone))
-    if config.protocol == "omniglot":
-        return data.preprocessing, list(omniglot_cells(config.root, config.runs))
     if config.protocol == "episodic":
         return data.preprocessing, list(episodic_cells(data, config.ways, config.shots, config.queries,
                                                        config.episodes))
     return data.preprocessing, list(kshot_cells(data, config.shots, config.seeds))
+
+
+# The fields that choose a protocol's cells; a field given to a protocol that does not use it is an error, not
+# silently ignored. The Omniglot runs are 1-shot: shots may only be [1] there.
+PROTOCOL_FIELDS = {"kshot": ("shots", "seeds", "dataset", "classes"),
+                   "episodic": ("ways", "shots", "queries", "episodes", "dataset", "classes"),
+                   "omniglot": ("runs",)}
+LIST_FIELDS = ("methods", "shots", "seeds", "runs")
+MINIMUM = {"shots": 1, "seeds": 0, "ways": 2, "queries": 1, "episodes": 1, "steps": 1, "batch_size": 1}
+
+
+def _check_cell_choices(config: SweepConfig, given: set[str], source: str) -> None:
+    """Raise naming the first field that is of the wrong kind, out of range, repeated or unused by the protocol."""
+    used = PROTOCOL_FIELDS[config.protocol]
+    for name in sorted(given & {f for fs in PROTOCOL_FIELDS.values() for f in fs} - set(used)):
+        value = getattr(config, name)
+        if config.protocol == "omniglot" and (name, value) in (("shots", [1]), ("dataset", "omniglot")):
+            continue
+        if config.protocol == "omniglot" and name == "shots":
+            raise ValueError(f"{source}: shots {value} with protocol 'omniglot': the official runs are 1-shot "
+                             f"(shots: [1])")
+        raise ValueError(f"{source}: {name} is not used by protocol {config.protocol!r} (it uses "
+                         f"{', '.join(used)}); remove it")
+    runs = config.runs
+    if runs is not None and not (isinstance(runs, list) and runs and len(set(runs)) == len(runs)
+                                 and all(isinstance(r, int) and 1 <= r <= NUM_RUNS for r in runs)):
+        raise ValueError(f"{source}: runs must be official run numbers 1..{NUM_RUNS}, each once, got {runs}")
+    for name in LIST_FIELDS:
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, list) or not value):
+            raise ValueError(f"{source}: {name} must be a non-empty list, got {value!r}")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"{source}: {name} lists a value twice: {value}")
+    for name, lowest in MINIMUM.items():
+        value = getattr(config, name)
+        for number in value if isinstance(value, list) else [value]:
+            if not isinstance(number, int) or isinstance(number, bool) or number < lowest:
+                raise ValueError(f"{source}: {name} must be whole numbers >= {lowest}, got {value}")
+    if not 0.0 <= config.warmup_fraction < 1.0:
+        raise ValueError(f"{source}: warmup_fraction must be in [0, 1), got {config.warmup_fraction}")
+
+
+def _check_methods_fit(specs: list[MethodSpec], backbone: Backbone) -> None:
+    """Raise if a method cannot adapt this backbone (attention-only LoRA on a ConvNet), before the first cell."""
+    for spec in specs:
+        try:
+            spec.lora_config(has_attention(backbone))
+        except ValueError as error:
+            raise ValueError(f"methods: {error}; backbone {backbone.name} has none") from None
 
 
 def _backbone_data_config(backbone: Backbone) -> dict:
