@@ -132,12 +132,17 @@ def check_runs_root(root: str) -> None:
                                 f"{RUNS_ARCHIVE}.zip (or its unpacked {RUNS_ARCHIVE}/)")
 
 
-def omniglot_cells(root: str, runs: list[int] | None = None) -> Iterator[tuple[CellKey, CellData]]:
-    """The official 20-way 1-shot runs (all 20 unless ``runs`` lists run numbers 1-20)."""
+def omniglot_cells(root: str, runs: list[int] | None = None, raw: bool = False) -> Iterator[tuple[CellKey, CellData]]:
+    """The official 20-way 1-shot runs (all 20 unless ``runs`` lists run numbers 1-20), in the centred render the
+    backbones see; with ``raw`` also their native 105x105 images (``CellData.raw_*``, for ``raw-nn``)."""
+    native = {run.run_id: run for run in omniglot_one_shot_runs(root, render="native")} if raw else {}
     for run in omniglot_one_shot_runs(root):
         if runs is None or run.run_id in runs:
-            yield CellKey(1, 20, run.run_id), CellData(run.train_images, run.train_labels, run.test_images,
-                                                       run.test_labels, len(np.unique(run.train_labels)))
+            stored = native.get(run.run_id)
+            yield CellKey(1, 20, run.run_id), CellData(
+                run.train_images, run.train_labels, run.test_images, run.test_labels,
+                len(np.unique(run.train_labels)), raw_train_images=None if stored is None else stored.train_images,
+                raw_test_images=None if stored is None else stored.test_images)
 
 
 def _take(images, indices: np.ndarray):

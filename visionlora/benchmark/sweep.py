@@ -233,7 +233,8 @@ def write_report(config: SweepConfig, summary: list[dict], out: Path, weights_sh
 def _cells(config: SweepConfig, backbone: Backbone) -> tuple[dict, list[tuple[CellKey, CellData]]]:
     if config.protocol == "omniglot":  # the runs and the bundled weights only: no background archives needed
         check_runs_root(config.root)
-        cells = list(omniglot_cells(config.root, config.runs))
+        raw = any(parse_method(method).method == "raw-nn" for method in config.methods)
+        cells = list(omniglot_cells(config.root, config.runs, raw=raw))
         return runs_preprocessing(_backbone_data_config(backbone)), cells
     data = data_module(config.dataset, config.root, config.classes)
     data.set_data_config(_backbone_data_config(backbone))
