@@ -116,7 +116,8 @@ def read_results(path: Path) -> tuple[list[dict], int]:
     header = _fields(path, 1, lines[0])
     if tuple(header) == UNSETTLED_FIELDS:
         raise ValueError(f"{path} was written before each cell's settings were recorded (it has no settings "
-                         f"columns), so what its cells were measured under is unknown; pass a new --out")
+                         f"columns), so what its cells were measured under is unknown; pass a new --out (or delete "
+                         f"the file to measure its cells again)")
     if tuple(header) != FIELDS:
         raise ValueError(f"{path}: not a few-shot benchmark results file (header {header})")
     rows, seen = [], {}
