@@ -23,6 +23,7 @@ from visionlora.benchmark import (
     run_sweep,
 )
 from visionlora.benchmark.protocols import data_module, omniglot_cells
+from visionlora.benchmark.results import SETTING_FIELDS, settings_hash
 from visionlora.data import digits_split
 from visionlora.lora import lora_layers
 
@@ -173,10 +174,16 @@ def test_sweep_appends_resumes_and_reports(tmp_path, monkeypatch):
     assert calls == []  # everything done: nothing reruns
 
 
+def _settled(row: dict) -> dict:
+    """``row`` with the settings columns every results row carries (placeholder values) and their hash."""
+    settings = {field: row.get(field, "x") for field in SETTING_FIELDS}
+    return row | settings | {"settings": settings_hash(settings)}
+
+
 def test_results_log_ignores_a_cut_line_and_rejects_other_csv(tmp_path):
     log = ResultsLog(tmp_path / "r.csv")
-    row = dict(protocol="kshot", dataset="d", backbone="b", method="ncm", ways=5, shots=1, trial=0, accuracy=0.5,
-               trainable_params=10, total_params=100, seconds=1.0)
+    row = _settled(dict(protocol="kshot", dataset="d", backbone="b", method="ncm", ways=5, shots=1, trial=0,
+                        accuracy=0.5, trainable_params=10, total_params=100, seconds=1.0))
     log.append(row)
     with (tmp_path / "r.csv").open("a") as handle:
         handle.write("kshot,d,b,ncm,5,1,1,0.")  # killed mid-write

@@ -1,12 +1,13 @@
 """Compare few-shot methods and LoRA ranks: k-shot sweeps, N-way K-shot episodes and the Omniglot one-shot runs.
 
     python tools/fewshot_benchmark.py                                   # configs/benchmark/default.yaml (digits)
-    python tools/fewshot_benchmark.py --config configs/benchmark/omniglot_one_shot.yaml
+    python tools/fewshot_benchmark.py --config configs/benchmark/omniglot_one_shot.yaml --root DIR
     python tools/fewshot_benchmark.py --config configs/benchmark/default.yaml --methods ncm lora-r4 --seeds 0 1
 
 Each finished cell is appended to <out>/results.csv; rerunning the same command skips finished cells (Ctrl-C
-safe). At the end <out>/summary.md holds the mean ± 95% CI table, with accuracy_vs_shots.png and
-accuracy_vs_params.png beside it. Exit code 2 on a bad config.
+safe); a folder holding cells of other settings is refused. At the end <out>/summary.md holds the mean ± 95% CI
+table, with accuracy_vs_shots.png and accuracy_vs_params.png beside it. Exit code 2 on a bad config, before any
+cell runs; 130 after Ctrl-C, with a summary that says "k of n cells" at its top.
 """
 
 import argparse
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from visionlora.benchmark import SweepConfig, run_sweep
+from visionlora.benchmark import SweepConfig, execute_sweep, prepare_sweep
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "benchmark" / "default.yaml"
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
 OVERRIDES = {"methods": str, "shots": int, "seeds": int, "runs": int}
 
 
@@ -51,11 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("timm").setLevel(logging.WARNING)  # one "loaded weights" line per cell is noise here
     try:
         config = load_config(args)
-    except (ValueError, TypeError, yaml.YAMLError) as error:
+        plan = prepare_sweep(config)  # every check, before the first cell
+    except (ValueError, TypeError, FileNotFoundError, yaml.YAMLError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_sweep(config, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("\ninterrupted before the first cell: nothing written", file=sys.stderr)
+        return INTERRUPTED
+    outcome = execute_sweep(plan, progress=not args.no_progress)
     print(f"\nresults: {config.output_dir}/results.csv, summary.md and plots")
+    if outcome.interrupted:
+        print(f"interrupted: the summary holds {outcome.finished} of {outcome.total} cells", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -4,7 +4,7 @@ from .cells import Backbone, Budget, CellData, CellResult, run_cell
 from .methods import MethodSpec, parse_method
 from .protocols import PROTOCOLS, draw_episode, episodic_cells, kshot_cells, omniglot_cells
 from .results import ResultsLog, markdown_table, mean_ci, summarise
-from .sweep import OMNIGLOT_REFERENCES, SweepConfig, run_sweep
+from .sweep import OMNIGLOT_REFERENCES, SweepConfig, SweepOutcome, SweepPlan, execute_sweep, prepare_sweep, run_sweep
 
 __all__ = [
     "OMNIGLOT_REFERENCES",
@@ -16,13 +16,17 @@ __all__ = [
     "MethodSpec",
     "ResultsLog",
     "SweepConfig",
+    "SweepOutcome",
+    "SweepPlan",
     "draw_episode",
     "episodic_cells",
+    "execute_sweep",
     "kshot_cells",
     "markdown_table",
     "mean_ci",
     "omniglot_cells",
     "parse_method",
+    "prepare_sweep",
     "run_cell",
     "run_sweep",
     "summarise",

@@ -39,13 +39,20 @@ class Backbone:
 
 @dataclass
 class CellData:
-    """The images of one cell: ``[N, H, W, 3]`` uint8 arrays or file paths, and labels ``0..num_classes-1``."""
+    """The images of one cell: ``[N, H, W, 3]`` uint8 arrays or file paths, and labels ``0..num_classes-1``.
+
+    ``raw_train_images`` and ``raw_test_images`` are the same images as stored, where the protocol's images are a
+    render of them (the Omniglot runs: the native 105x105 image behind the centred 28 px render the backbones
+    see); ``raw-nn`` compares those when given.
+    """
 
     train_images: np.ndarray | list
     train_labels: np.ndarray
     test_images: np.ndarray | list
     test_labels: np.ndarray
     num_classes: int
+    raw_train_images: np.ndarray | list | None = None
+    raw_test_images: np.ndarray | list | None = None
 
 
 @dataclass
@@ -189,13 +196,16 @@ def raw_nearest_neighbour(data: CellData, batch_size: int) -> float:
     """1-nearest-neighbour (Euclidean) on the images as stored: raw uint8 pixels of every channel, no resize, no
     normalisation, the no-learning baseline that owes nothing to the backbone's preprocessing.
 
+    ``data.raw_train_images``/``raw_test_images`` when given (the native Omniglot images), else the cell's images.
     Distances are computed in float64, where sums of squared integer pixel differences are exact, so the nearest
     image does not depend on rounding. Every image must have the first training image's size.
     """
-    shape = tuple(FewShotDataset(data.train_images, data.train_labels)[0][0].shape)
+    train_images = data.train_images if data.raw_train_images is None else data.raw_train_images
+    test_images = data.test_images if data.raw_test_images is None else data.raw_test_images
+    shape = tuple(FewShotDataset(train_images, data.train_labels)[0][0].shape)
     as_stored = _RawPixels(shape)
-    train = _loader(data.train_images, data.train_labels, as_stored, batch_size)
-    test = _loader(data.test_images, data.test_labels, as_stored, batch_size)
+    train = _loader(train_images, data.train_labels, as_stored, batch_size)
+    test = _loader(test_images, data.test_labels, as_stored, batch_size)
     return pixel_nearest_neighbour(train, test)
 
 

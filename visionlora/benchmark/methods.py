@@ -6,8 +6,9 @@ method on the default task (configs/default.yaml, digits 5-9), as a fair compari
 them are in configs/benchmark/digits_baselines.yaml.
 
 The two no-learning baselines differ in what they compare: ``raw-nn`` is 1-nearest-neighbour (Euclidean) on the
-images as stored (raw uint8 pixels: no resize, no normalisation), ``pixel-nn`` on the model input (the images after
-the eval transform: resized and centre-cropped to the backbone's input size, mean/std-normalised).
+images as stored (raw uint8 pixels: no resize, no normalisation; for the Omniglot runs the native 105x105 images,
+not the centred render the backbones see), ``pixel-nn`` on the model input (the images after the eval transform:
+resized and centre-cropped to the backbone's input size, mean/std-normalised).
 """
 
 from __future__ import annotations

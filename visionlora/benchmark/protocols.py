@@ -12,15 +12,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from visionlora.data import FewShotDataModule, sample_k_shot
-from visionlora.data.sources.omniglot import omniglot_one_shot_runs
+from visionlora.data.classification.presets import (
+    DEFAULT_CROP_PCT,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_SCALE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INTERPOLATION_NAME,
+    normalize_data_config,
+)
+from visionlora.data.sources import classification_source
+from visionlora.data.sources.omniglot import NUM_RUNS, RUNS_ARCHIVE, omniglot_one_shot_runs
 
 from .cells import CellData
 
 PROTOCOLS = ("kshot", "episodic", "omniglot")
+__all__ = ["NUM_RUNS", "PROTOCOLS", "CellKey", "check_runs_root", "data_module", "draw_episode", "episodic_cells",
+           "kshot_cells", "omniglot_cells", "runs_preprocessing"]
 
 
 @dataclass(frozen=True)
@@ -88,12 +101,48 @@ def draw_episode(labels: np.ndarray, ways: int, shots: int, queries: int, seed: 
     return support_idx, query_idx, (to_episode(labels[support_idx]), to_episode(labels[query_idx]))
 
 
-def omniglot_cells(root: str, runs: list[int] | None = None) -> Iterator[tuple[CellKey, CellData]]:
-    """The official 20-way 1-shot runs (all 20 unless ``runs`` lists run numbers 1-20)."""
+def runs_preprocessing(backbone_config: dict) -> dict:
+    """``FewShotDataModule("omniglot").preprocessing`` for a backbone (what ``resnet_omniglot`` was trained with),
+    without building that module: listing its classes reads the background archives, which the runs do not need.
+
+    Args:
+        backbone_config: The backbone's data config (timm's ``resolve_model_data_config`` or our keys).
+    """
+    source, backbone = classification_source("omniglot").preprocessing, normalize_data_config(backbone_config)
+
+    def first(*values):
+        return next(v for v in values if v is not None)
+
+    return {
+        "image_size": first(backbone.get("image_size"), DEFAULT_IMAGE_SIZE),
+        "mean": tuple(first(backbone.get("mean"), IMAGENET_MEAN)),
+        "std": tuple(first(backbone.get("std"), IMAGENET_STD)),
+        "crop_pct": first(source.get("crop_pct"), backbone.get("crop_pct"), DEFAULT_CROP_PCT),
+        "hflip": first(source.get("hflip"), True),
+        "crop_scale": tuple(first(source.get("crop_scale"), DEFAULT_SCALE)),
+        "affine": first(source.get("affine"), False),
+        "interpolation": INTERPOLATION_NAME,
+    }
+
+
+def check_runs_root(root: str) -> None:
+    """Raise naming ``root`` unless it is a folder (``omniglot_one_shot_runs`` then names a missing all_runs.zip)."""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"root {root} is not a folder: pass --root DIR, the folder holding Omniglot's "
+                                f"{RUNS_ARCHIVE}.zip (or its unpacked {RUNS_ARCHIVE}/)")
+
+
+def omniglot_cells(root: str, runs: list[int] | None = None, raw: bool = False) -> Iterator[tuple[CellKey, CellData]]:
+    """The official 20-way 1-shot runs (all 20 unless ``runs`` lists run numbers 1-20), in the centred render the
+    backbones see; with ``raw`` also their native 105x105 images (``CellData.raw_*``, for ``raw-nn``)."""
+    native = {run.run_id: run for run in omniglot_one_shot_runs(root, render="native")} if raw else {}
     for run in omniglot_one_shot_runs(root):
         if runs is None or run.run_id in runs:
-            yield CellKey(1, 20, run.run_id), CellData(run.train_images, run.train_labels, run.test_images,
-                                                       run.test_labels, len(np.unique(run.train_labels)))
+            stored = native.get(run.run_id)
+            yield CellKey(1, 20, run.run_id), CellData(
+                run.train_images, run.train_labels, run.test_images, run.test_labels,
+                len(np.unique(run.train_labels)), raw_train_images=None if stored is None else stored.train_images,
+                raw_test_images=None if stored is None else stored.test_images)
 
 
 def _take(images, indices: np.ndarray):
