@@ -6,6 +6,8 @@ checkpoints, the adapter, a training-curve PNG and ``results.json``; the task mo
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import sys
 import time
@@ -21,6 +23,8 @@ from visionlora.reporting import format_table, plot_training_curves
 
 # The top-level options VisionLoraCLI adds to LightningCLI's (trainer, model, data, seed_everything, ...).
 RUN_OPTIONS = ("run_name", "runs_dir", "ckpt_path", "run_test", "export_dir")
+# Rank 0's run directory (and checkpoint to resume), handed to the DDP processes Lightning starts; see shared_run_dir.
+RUN_DIR_ENV = "VISIONLORA_RUN_DIR"
 
 
 class VisionLoraCLI(LightningCLI):
@@ -38,9 +42,26 @@ class VisionLoraCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config
-        self.run_dir, self.resume_from = resolve_run_dir(Path(config.runs_dir), config.run_name, config.ckpt_path)
+        self.run_dir, self.resume_from = shared_run_dir(Path(config.runs_dir), config.run_name, config.ckpt_path)
         config.trainer.default_root_dir = str(self.run_dir)
         config.data.run_dir = str(self.run_dir)
+
+
+def shared_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tuple[Path, str | None]:
+    """:func:`resolve_run_dir` on rank 0; every other DDP rank takes rank 0's choice.
+
+    The directory is chosen before the trainer exists, so there is no process group yet to broadcast it. Lightning's
+    DDP launcher starts ranks 1.. later, from ``trainer.fit``, as copies of this command line with ``LOCAL_RANK`` set
+    and rank 0's environment copied: so rank 0 leaves its choice in ``VISIONLORA_RUN_DIR`` and those ranks read it
+    instead of choosing (and creating) directories of their own. A launcher that starts every process itself
+    (torchrun, SLURM) is not covered: there each rank would choose its own directory.
+    """
+    if int(os.environ.get("LOCAL_RANK") or 0) > 0 and RUN_DIR_ENV in os.environ:
+        run_dir, resume_from = json.loads(os.environ[RUN_DIR_ENV])
+        return Path(run_dir), resume_from
+    run_dir, resume_from = resolve_run_dir(runs_dir, run_name, ckpt_path)
+    os.environ[RUN_DIR_ENV] = json.dumps([str(run_dir), resume_from])
+    return run_dir, resume_from
 
 
 def resolve_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tuple[Path, str | None]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from ..common import seed_transform, seed_worker
@@ -225,8 +226,12 @@ class FewShotDataModule(L.LightningDataModule):
         return self._loader("val", self._eval_transform(), self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches, in a fixed order."""
-        return self._loader("test", self._eval_transform(), self.eval_batch_size)
+        """Test batches, in a fixed order; under DDP every test image goes to exactly one rank.
+
+        Lightning's DistributedSampler would pad the split to a multiple of the world size with repeated images,
+        which the synchronised test metrics would then count twice; ranks may differ by one image instead.
+        """
+        return self._loader("test", self._eval_transform(), self.eval_batch_size, unpadded=True)
 
     def sample_batch(self, n: int = 8) -> torch.Tensor:
         """``n`` eval-transformed test images, ``[n, 3, S, S]``, taking the classes in turn.
@@ -298,12 +303,21 @@ class FewShotDataModule(L.LightningDataModule):
             raise RuntimeError("FewShotDataModule: call setup() before asking for dataloaders")
         return self._parts
 
-    def _loader(self, part: str, transform, batch_size: int, shuffle: bool = False, generator=None) -> DataLoader:
+    def _loader(self, part: str, transform, batch_size: int, shuffle: bool = False, generator=None,
+                unpadded: bool = False) -> DataLoader:
         items = self._require_setup()[part]
+        dataset = FewShotDataset(items.images, items.labels, transform)
+        trainer = self.trainer
+        sampler = None
+        if unpadded and trainer is not None and trainer.world_size > 1:
+            # A DistributedSampler of its own, so Lightning keeps it instead of putting its padding one in.
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                                   shuffle=False)
         return DataLoader(
-            FewShotDataset(items.images, items.labels, transform),
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             drop_last=False,
             num_workers=self.num_workers,
