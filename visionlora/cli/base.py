@@ -16,10 +16,11 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 from visionlora.files import write_json_atomic
 from visionlora.reporting import format_table, plot_training_curves
+
+from .resume import GlobalRandomState, ResumableCSVLogger, checkpoint_progress, newest_checkpoint
 
 # The top-level options VisionLoraCLI adds to LightningCLI's (trainer, model, data, seed_everything, ...).
 RUN_OPTIONS = ("run_name", "runs_dir", "ckpt_path", "run_test", "export_dir")
@@ -65,12 +66,16 @@ def shared_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tupl
 
 
 def resolve_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tuple[Path, str | None]:
-    """A new timestamped run directory, or the directory of the checkpoint being resumed."""
+    """A new timestamped run directory, or the directory of the checkpoint being resumed.
+
+    ``ckpt_path="last"``: the newest loadable checkpoint of ``run_name`` (see :func:`.resume.newest_checkpoint`).
+    """
     if ckpt_path == "last":
-        candidates = sorted((runs_dir / run_name).glob("*/checkpoints/last.ckpt"))
-        if not candidates:
-            raise FileNotFoundError(f"--ckpt_path last: no {runs_dir / run_name}/*/checkpoints/last.ckpt to resume")
-        return candidates[-1].parent.parent, str(candidates[-1])
+        newest = newest_checkpoint(runs_dir / run_name)
+        if newest is None:
+            raise FileNotFoundError(f"--ckpt_path last: no loadable checkpoint {runs_dir / run_name}/*/checkpoints/"
+                                    "*.ckpt to resume")
+        return newest.parent.parent, str(newest)
     if ckpt_path:
         path = Path(ckpt_path)
         if not path.is_file():
@@ -85,13 +90,27 @@ def build_cli(cli_class: type[VisionLoraCLI], model_class, data_class, args: lis
               ) -> VisionLoraCLI:
     """Parse the arguments into a CLI whose trainer keeps the last checkpoint and logs CSV into the run directory.
 
+    Resuming, ``metrics.csv`` keeps its rows from before the checkpoint and the global random state comes back from
+    it (see :mod:`.resume`).
+
     ``args``: a command line (a list), or a config already parsed into a dict (see :func:`visionlora.cli.main`).
     """
     cli = cli_class(model_class, data_class, run=False, seed_everything_default=0, args=args,
                     save_config_kwargs={"overwrite": True},
-                    trainer_defaults={"logger": False, "callbacks": [ModelCheckpoint(save_last=True)]})
-    cli.trainer.logger = CSVLogger(save_dir=str(cli.run_dir), name="", version="")
+                    trainer_defaults={"logger": False,
+                                      "callbacks": [ModelCheckpoint(save_last=True), GlobalRandomState()]})
+    cli.trainer.logger = ResumableCSVLogger(cli.run_dir, keep_before_step=_resumed_step(cli.resume_from))
     return cli
+
+
+def _resumed_step(resume_from: str | None) -> int | None:
+    """The ``global_step`` of the checkpoint being resumed; None when not resuming (or Lightning will say why not)."""
+    if resume_from is None:
+        return None
+    try:
+        return checkpoint_progress(Path(resume_from))[0]
+    except Exception:  # not loadable with weights_only: trainer.fit loads it its own way, or fails naming it
+        return None
 
 
 def fit_and_test(cli: VisionLoraCLI) -> tuple[dict, float]:

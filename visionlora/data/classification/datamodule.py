@@ -147,6 +147,7 @@ class FewShotDataModule(L.LightningDataModule):
         # setup, and fails early on a wrong root.
         self._class_names = self._source.list_classes(self._options)
         self._parts: dict[str, FewShotDataset] | None = None
+        self._restored_streams: dict | None = None  # what load_state_dict brought back, for the next train loader
 
     image_size = _Resolved()
     mean = _Resolved()
@@ -217,7 +218,29 @@ class FewShotDataModule(L.LightningDataModule):
         transform = train_transform_from(self.preprocessing)
         seed_transform(transform, self.seed)
         generator = torch.Generator().manual_seed(self.seed)
+        if self._restored_streams is not None:
+            set_stream_state(generator, transform, self._restored_streams)
+            self._restored_streams = None
         return self._loader("train", transform, self.batch_size, shuffle=True, generator=generator)
+
+    def state_dict(self) -> dict:
+        """Where the training loader's shuffle and augmentation streams stand, saved in each Lightning checkpoint.
+
+        With it, a run resumed from a checkpoint saved at an epoch's end shuffles and augments the next epochs as
+        an uninterrupted run does. Exact with ``num_workers=0``; with workers each (persistent) worker holds its own
+        augmentation stream, seeded from the shuffle generator when the workers start, so a resumed run's workers
+        draw reproducible streams but not the ones the uninterrupted run would have drawn.
+        """
+        # The trainer's own loader: other train_dataloader() calls (the prototype pass) have streams of their own.
+        loader = self.trainer.train_dataloader if self.trainer is not None else None
+        if not isinstance(loader, DataLoader):
+            return {}
+        return stream_state(loader.generator, loader.dataset.transform)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Keep the streams of :meth:`state_dict` for the next ``train_dataloader`` (Lightning restores the data
+        module before it builds the loaders)."""
+        self._restored_streams = state_dict or None
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches, or an empty list (Lightning then skips validation) when there is no validation set."""
@@ -360,6 +383,25 @@ def _classes_in_turn(labels: np.ndarray, n: int) -> list[int]:
         members = labels == label
         rank[members] = np.arange(members.sum())
     return [int(i) for i in np.lexsort((labels, rank))[:n]]
+
+
+def stream_state(generator: torch.Generator | None, transform) -> dict:
+    """The state of a training loader's shuffle generator (when it has one: Lightning's DDP sampler shuffles by
+    epoch instead) and of its seeded albumentations pipeline (see :func:`~visionlora.data.common.seed_transform`), as
+    tensors and plain values, so the checkpoint loads with ``weights_only=True``."""
+    state = {"augment_numpy": transform.random_generator.bit_generator.state,
+             "augment_python": transform.py_random.getstate()}
+    if generator is not None:
+        state["shuffle"] = generator.get_state()
+    return state
+
+
+def set_stream_state(generator: torch.Generator, transform, state: dict) -> None:
+    """Put a :func:`stream_state` back; the pipeline's steps share one generator pair, so setting it sets theirs."""
+    if "shuffle" in state:
+        generator.set_state(state["shuffle"])
+    transform.random_generator.bit_generator.state = state["augment_numpy"]
+    transform.py_random.setstate(state["augment_python"])
 
 
 def _first(*values):
