@@ -69,7 +69,7 @@ def test_resume_from_last_checkpoint_completes_training(tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no .*last.ckpt to resume"):
+    with pytest.raises(FileNotFoundError, match="no loadable checkpoint .*to resume"):
         _run(tmp_path, "--ckpt_path", "last")
 
 

@@ -209,3 +209,27 @@ def test_resume_from_checkpoint(tmp_path):
     assert final_adapter.parent == tmp_path / "adapters" and final_adapter.name.endswith("-step=4")
     assert (final_adapter / "adapter_model.safetensors").is_file()
     assert {"epoch=0-step=2", final_adapter.name, "last"} <= {p.name for p in final_adapter.parent.iterdir()}
+
+
+def test_checkpoint_saved_after_merge_on_fit_end_reloads_to_the_same_outputs(tmp_path):
+    """A checkpoint written after merge_on_fit_end holds unmerged weights: a reload applies ΔW once, not twice."""
+    module = Classifier()
+    trainer = make_trainer(tmp_path, 3, [LoraCallback(conv_config(), merge_on_fit_end=True)],
+                           enable_checkpointing=False)
+    trainer.fit(module, make_loader())
+    module.eval()
+    x = probe()
+    with torch.no_grad():
+        merged = module(x)
+    trainer.save_checkpoint(tmp_path / "after_merge.ckpt")
+    layers = lora_layers(module.model)
+    assert all(layer.merged for layer in layers.values())  # saving left the live module merged
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), merged, rtol=0, atol=0)
+
+    fresh = Classifier(seed=1)
+    LoraCallback(conv_config()).inject(fresh)
+    fresh.load_state_dict(torch.load(tmp_path / "after_merge.ckpt", weights_only=True)["state_dict"])
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), merged, rtol=0, atol=1e-5)

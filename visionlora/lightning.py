@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 
 from visionlora.lora import LoraConfig, inject_lora, lora_layers, lora_state, merge_lora, save_adapter
@@ -49,8 +50,9 @@ class LoraCallback(pl.Callback):
             ``"backbone.encoder"`` are followed attribute by attribute.
         merge_on_fit_end: Fold ΔW into the base weights (:func:`~visionlora.lora.merge_lora`) after the final
             adapter is saved, so inference after ``fit`` costs what the base model costs. The merged flag is not in
-            the ``state_dict``: call :func:`~visionlora.lora.unmerge_lora` before saving a Lightning checkpoint or
-            training again.
+            the ``state_dict``, so a Lightning checkpoint saved later (``trainer.save_checkpoint``) gets the unmerged
+            base weights and reloads like any other; call :func:`~visionlora.lora.unmerge_lora` before training
+            again.
         adapter_dirname: Folder, under the log directory, that receives the adapters.
     """
 
@@ -120,6 +122,12 @@ class LoraCallback(pl.Callback):
             save_adapter(self.target_module(pl_module), directory)
             self._last_saved = directory
         checkpoint[ADAPTER_DIR_KEY] = str(directory)
+        # A fresh module loads the checkpoint unmerged and adds ΔW itself: merged weights would get it twice.
+        prefix = self.module_attr + "."
+        state = checkpoint["state_dict"]
+        for key, value in unmerged_base_weights(self.target_module(pl_module)).items():
+            if prefix + key in state:
+                state[prefix + key] = value
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         directory = self.adapter_root(trainer) / LAST_DIRNAME
@@ -128,3 +136,22 @@ class LoraCallback(pl.Callback):
             save_adapter(module, directory)
         if self.merge_on_fit_end:
             merge_lora(module)
+
+
+@torch.no_grad()
+def unmerged_base_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the base-layer tensors of every merged LoRA layer as they are unmerged, by ``state_dict`` key.
+
+    The module itself stays merged, its tensors bit for bit as they were. Empty when no layer is merged.
+    """
+    found = {}
+    for path, layer in lora_layers(module).items():
+        if not layer.merged:
+            continue
+        merged = {key: value.clone() for key, value in layer.base_layer.state_dict().items()}
+        layer.unmerge()
+        for key, value in layer.base_layer.state_dict().items():
+            found[f"{path}.base_layer.{key}"] = value.clone()
+            value.copy_(merged[key])
+        layer.merged = True
+    return found

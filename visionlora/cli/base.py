@@ -6,6 +6,8 @@ checkpoints, the adapter, a training-curve PNG and ``results.json``; the task mo
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import sys
 import time
@@ -14,13 +16,16 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 from visionlora.files import write_json_atomic
 from visionlora.reporting import format_table, plot_training_curves
 
+from .resume import GlobalRandomState, ResumableCSVLogger, checkpoint_progress, newest_checkpoint
+
 # The top-level options VisionLoraCLI adds to LightningCLI's (trainer, model, data, seed_everything, ...).
 RUN_OPTIONS = ("run_name", "runs_dir", "ckpt_path", "run_test", "export_dir")
+# Rank 0's run directory (and checkpoint to resume), handed to the DDP processes Lightning starts; see shared_run_dir.
+RUN_DIR_ENV = "VISIONLORA_RUN_DIR"
 
 
 class VisionLoraCLI(LightningCLI):
@@ -38,18 +43,39 @@ class VisionLoraCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config
-        self.run_dir, self.resume_from = resolve_run_dir(Path(config.runs_dir), config.run_name, config.ckpt_path)
+        self.run_dir, self.resume_from = shared_run_dir(Path(config.runs_dir), config.run_name, config.ckpt_path)
         config.trainer.default_root_dir = str(self.run_dir)
         config.data.run_dir = str(self.run_dir)
 
 
+def shared_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tuple[Path, str | None]:
+    """:func:`resolve_run_dir` on rank 0; every other DDP rank takes rank 0's choice.
+
+    The directory is chosen before the trainer exists, so there is no process group yet to broadcast it. Lightning's
+    DDP launcher starts ranks 1.. later, from ``trainer.fit``, as copies of this command line with ``LOCAL_RANK`` set
+    and rank 0's environment copied: so rank 0 leaves its choice in ``VISIONLORA_RUN_DIR`` and those ranks read it
+    instead of choosing (and creating) directories of their own. A launcher that starts every process itself
+    (torchrun, SLURM) is not covered: there each rank would choose its own directory.
+    """
+    if int(os.environ.get("LOCAL_RANK") or 0) > 0 and RUN_DIR_ENV in os.environ:
+        run_dir, resume_from = json.loads(os.environ[RUN_DIR_ENV])
+        return Path(run_dir), resume_from
+    run_dir, resume_from = resolve_run_dir(runs_dir, run_name, ckpt_path)
+    os.environ[RUN_DIR_ENV] = json.dumps([str(run_dir), resume_from])
+    return run_dir, resume_from
+
+
 def resolve_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tuple[Path, str | None]:
-    """A new timestamped run directory, or the directory of the checkpoint being resumed."""
+    """A new timestamped run directory, or the directory of the checkpoint being resumed.
+
+    ``ckpt_path="last"``: the newest loadable checkpoint of ``run_name`` (see :func:`.resume.newest_checkpoint`).
+    """
     if ckpt_path == "last":
-        candidates = sorted((runs_dir / run_name).glob("*/checkpoints/last.ckpt"))
-        if not candidates:
-            raise FileNotFoundError(f"--ckpt_path last: no {runs_dir / run_name}/*/checkpoints/last.ckpt to resume")
-        return candidates[-1].parent.parent, str(candidates[-1])
+        newest = newest_checkpoint(runs_dir / run_name)
+        if newest is None:
+            raise FileNotFoundError(f"--ckpt_path last: no loadable checkpoint {runs_dir / run_name}/*/checkpoints/"
+                                    "*.ckpt to resume")
+        return newest.parent.parent, str(newest)
     if ckpt_path:
         path = Path(ckpt_path)
         if not path.is_file():
@@ -64,13 +90,27 @@ def build_cli(cli_class: type[VisionLoraCLI], model_class, data_class, args: lis
               ) -> VisionLoraCLI:
     """Parse the arguments into a CLI whose trainer keeps the last checkpoint and logs CSV into the run directory.
 
+    Resuming, ``metrics.csv`` keeps its rows from before the checkpoint and the global random state comes back from
+    it (see :mod:`.resume`).
+
     ``args``: a command line (a list), or a config already parsed into a dict (see :func:`visionlora.cli.main`).
     """
     cli = cli_class(model_class, data_class, run=False, seed_everything_default=0, args=args,
                     save_config_kwargs={"overwrite": True},
-                    trainer_defaults={"logger": False, "callbacks": [ModelCheckpoint(save_last=True)]})
-    cli.trainer.logger = CSVLogger(save_dir=str(cli.run_dir), name="", version="")
+                    trainer_defaults={"logger": False,
+                                      "callbacks": [ModelCheckpoint(save_last=True), GlobalRandomState()]})
+    cli.trainer.logger = ResumableCSVLogger(cli.run_dir, keep_before_step=_resumed_step(cli.resume_from))
     return cli
+
+
+def _resumed_step(resume_from: str | None) -> int | None:
+    """The ``global_step`` of the checkpoint being resumed; None when not resuming (or Lightning will say why not)."""
+    if resume_from is None:
+        return None
+    try:
+        return checkpoint_progress(Path(resume_from))[0]
+    except Exception:  # not loadable with weights_only: trainer.fit loads it its own way, or fails naming it
+        return None
 
 
 def fit_and_test(cli: VisionLoraCLI) -> tuple[dict, float]:

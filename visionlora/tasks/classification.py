@@ -143,8 +143,11 @@ class LoraClassifier(L.LightningModule):
 
     # ----- head initialisation ------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        # A resumed fit keeps the head of its checkpoint: on_fit_start runs before the loops are restored, so
+        # global_step is still 0 there and only the checkpoint path tells a resume from a fresh start.
         datamodule = getattr(self.trainer, "datamodule", None)
-        if self.hparams.head_init == "prototypes" and self.global_step == 0 and datamodule is not None:
+        fresh = self.global_step == 0 and self.trainer.ckpt_path is None
+        if self.hparams.head_init == "prototypes" and fresh and datamodule is not None:
             self.imprint_head(datamodule.train_dataloader())
 
     @torch.no_grad()

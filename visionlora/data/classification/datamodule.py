@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from ..common import seed_transform, seed_worker
@@ -157,6 +158,7 @@ class FewShotDataModule(L.LightningDataModule):
         # setup, and fails early on a wrong root.
         self._class_names = self._source.list_classes(self._options)
         self._parts: dict[str, FewShotDataset] | None = None
+        self._restored_streams: dict | None = None  # what load_state_dict brought back, for the next train loader
 
     image_size = _Resolved()
     mean = _Resolved()
@@ -234,7 +236,29 @@ class FewShotDataModule(L.LightningDataModule):
         transform = train_transform_from(self.preprocessing)
         seed_transform(transform, self.seed)
         generator = torch.Generator().manual_seed(self.seed)
+        if self._restored_streams is not None:
+            set_stream_state(generator, transform, self._restored_streams)
+            self._restored_streams = None
         return self._loader("train", transform, self.batch_size, shuffle=True, generator=generator)
+
+    def state_dict(self) -> dict:
+        """Where the training loader's shuffle and augmentation streams stand, saved in each Lightning checkpoint.
+
+        With it, a run resumed from a checkpoint saved at an epoch's end shuffles and augments the next epochs as
+        an uninterrupted run does. Exact with ``num_workers=0``; with workers each (persistent) worker holds its own
+        augmentation stream, seeded from the shuffle generator when the workers start, so a resumed run's workers
+        draw reproducible streams but not the ones the uninterrupted run would have drawn.
+        """
+        # The trainer's own loader: other train_dataloader() calls (the prototype pass) have streams of their own.
+        loader = self.trainer.train_dataloader if self.trainer is not None else None
+        if not isinstance(loader, DataLoader):
+            return {}
+        return stream_state(loader.generator, loader.dataset.transform)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Keep the streams of :meth:`state_dict` for the next ``train_dataloader`` (Lightning restores the data
+        module before it builds the loaders)."""
+        self._restored_streams = state_dict or None
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches, or an empty list (Lightning then skips validation) when there is no validation set."""
@@ -243,8 +267,12 @@ class FewShotDataModule(L.LightningDataModule):
         return self._loader("val", self._eval_transform(), self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches, in a fixed order."""
-        return self._loader("test", self._eval_transform(), self.eval_batch_size)
+        """Test batches, in a fixed order; under DDP every test image goes to exactly one rank.
+
+        Lightning's DistributedSampler would pad the split to a multiple of the world size with repeated images,
+        which the synchronised test metrics would then count twice; ranks may differ by one image instead.
+        """
+        return self._loader("test", self._eval_transform(), self.eval_batch_size, unpadded=True)
 
     def sample_batch(self, n: int = 8) -> torch.Tensor:
         """``n`` eval-transformed test images, ``[n, 3, S, S]``, taking the classes in turn.
@@ -316,12 +344,21 @@ class FewShotDataModule(L.LightningDataModule):
             raise RuntimeError("FewShotDataModule: call setup() before asking for dataloaders")
         return self._parts
 
-    def _loader(self, part: str, transform, batch_size: int, shuffle: bool = False, generator=None) -> DataLoader:
+    def _loader(self, part: str, transform, batch_size: int, shuffle: bool = False, generator=None,
+                unpadded: bool = False) -> DataLoader:
         items = self._require_setup()[part]
+        dataset = FewShotDataset(items.images, items.labels, transform)
+        trainer = self.trainer
+        sampler = None
+        if unpadded and trainer is not None and trainer.world_size > 1:
+            # A DistributedSampler of its own, so Lightning keeps it instead of putting its padding one in.
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                                   shuffle=False)
         return DataLoader(
-            FewShotDataset(items.images, items.labels, transform),
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             drop_last=False,
             num_workers=self.num_workers,
@@ -364,6 +401,25 @@ def _classes_in_turn(labels: np.ndarray, n: int) -> list[int]:
         members = labels == label
         rank[members] = np.arange(members.sum())
     return [int(i) for i in np.lexsort((labels, rank))[:n]]
+
+
+def stream_state(generator: torch.Generator | None, transform) -> dict:
+    """The state of a training loader's shuffle generator (when it has one: Lightning's DDP sampler shuffles by
+    epoch instead) and of its seeded albumentations pipeline (see :func:`~visionlora.data.common.seed_transform`), as
+    tensors and plain values, so the checkpoint loads with ``weights_only=True``."""
+    state = {"augment_numpy": transform.random_generator.bit_generator.state,
+             "augment_python": transform.py_random.getstate()}
+    if generator is not None:
+        state["shuffle"] = generator.get_state()
+    return state
+
+
+def set_stream_state(generator: torch.Generator, transform, state: dict) -> None:
+    """Put a :func:`stream_state` back; the pipeline's steps share one generator pair, so setting it sets theirs."""
+    if "shuffle" in state:
+        generator.set_state(state["shuffle"])
+    transform.random_generator.bit_generator.state = state["augment_numpy"]
+    transform.py_random.setstate(state["augment_python"])
 
 
 def _first(*values):
