@@ -17,15 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from visionlora.data import FewShotDataModule, sample_k_shot
-from visionlora.data.classification.presets import (
-    DEFAULT_CROP_PCT,
-    DEFAULT_IMAGE_SIZE,
-    DEFAULT_SCALE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INTERPOLATION_NAME,
-    normalize_data_config,
-)
+from visionlora.data.classification.datamodule import resolve_preprocessing
+from visionlora.data.classification.presets import normalize_data_config
 from visionlora.data.sources import classification_source
 from visionlora.data.sources.omniglot import NUM_RUNS, RUNS_ARCHIVE, omniglot_one_shot_runs
 
@@ -108,21 +101,8 @@ def runs_preprocessing(backbone_config: dict) -> dict:
     Args:
         backbone_config: The backbone's data config (timm's ``resolve_model_data_config`` or our keys).
     """
-    source, backbone = classification_source("omniglot").preprocessing, normalize_data_config(backbone_config)
-
-    def first(*values):
-        return next(v for v in values if v is not None)
-
-    return {
-        "image_size": first(backbone.get("image_size"), DEFAULT_IMAGE_SIZE),
-        "mean": tuple(first(backbone.get("mean"), IMAGENET_MEAN)),
-        "std": tuple(first(backbone.get("std"), IMAGENET_STD)),
-        "crop_pct": first(source.get("crop_pct"), backbone.get("crop_pct"), DEFAULT_CROP_PCT),
-        "hflip": first(source.get("hflip"), True),
-        "crop_scale": tuple(first(source.get("crop_scale"), DEFAULT_SCALE)),
-        "affine": first(source.get("affine"), False),
-        "interpolation": INTERPOLATION_NAME,
-    }
+    return resolve_preprocessing({}, classification_source("omniglot").preprocessing,
+                                 normalize_data_config(backbone_config))
 
 
 def check_runs_root(root: str) -> None:

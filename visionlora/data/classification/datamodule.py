@@ -10,6 +10,7 @@ source registry (:mod:`visionlora.data.sources`), looked up by ``dataset``. Prep
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -197,18 +198,7 @@ class FewShotDataModule(L.LightningDataModule):
         and ``interpolation`` (always ``"bicubic"``). The evaluation ones are what an export writes to its
         ``pretrained_cfg`` (:func:`~visionlora.data.classification.presets.timm_data_config`).
         """
-        given, source, backbone = self._explicit, self._source.preprocessing, self._backbone_config
-        return {
-            "image_size": _first(given["image_size"], backbone.get("image_size"), DEFAULT_IMAGE_SIZE),
-            "mean": tuple(_first(given["mean"], backbone.get("mean"), IMAGENET_MEAN)),
-            "std": tuple(_first(given["std"], backbone.get("std"), IMAGENET_STD)),
-            "crop_pct": _first(given["crop_pct"], source.get("crop_pct"), backbone.get("crop_pct"), DEFAULT_CROP_PCT),
-            "crop_mode": _first(given["crop_mode"], DEFAULT_CROP_MODE),
-            "hflip": _first(given["hflip"], source.get("hflip"), True),
-            "crop_scale": tuple(_first(given["crop_scale"], source.get("crop_scale"), DEFAULT_SCALE)),
-            "affine": _first(given["affine"], source.get("affine"), False),
-            "interpolation": INTERPOLATION_NAME,
-        }
+        return resolve_preprocessing(self._explicit, self._source.preprocessing, self._backbone_config)
 
     def setup(self, stage: str | None = None) -> None:
         """Load (and for ImageFolder check) every image list and draw the shots; runs once, later calls return."""
@@ -366,6 +356,31 @@ class FewShotDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+
+def resolve_preprocessing(given: dict, source: Mapping, backbone: dict) -> dict:
+    """The preprocessing in use: an explicit argument, else the dataset's default, else the backbone's, else ours.
+
+    Args:
+        given: The data module's explicit arguments (``None`` where not given); may be empty.
+        source: The dataset source's defaults (``ClassificationSource.preprocessing``).
+        backbone: The backbone's data config (:func:`~visionlora.data.classification.presets.normalize_data_config`).
+    """
+    given = {key: given.get(key) for key in _PREPROCESSING_ARGUMENTS}
+    return {
+        "image_size": _first(given["image_size"], backbone.get("image_size"), DEFAULT_IMAGE_SIZE),
+        "mean": tuple(_first(given["mean"], backbone.get("mean"), IMAGENET_MEAN)),
+        "std": tuple(_first(given["std"], backbone.get("std"), IMAGENET_STD)),
+        "crop_pct": _first(given["crop_pct"], source.get("crop_pct"), backbone.get("crop_pct"), DEFAULT_CROP_PCT),
+        "crop_mode": _first(given["crop_mode"], DEFAULT_CROP_MODE),
+        "hflip": _first(given["hflip"], source.get("hflip"), True),
+        "crop_scale": tuple(_first(given["crop_scale"], source.get("crop_scale"), DEFAULT_SCALE)),
+        "affine": _first(given["affine"], source.get("affine"), False),
+        "interpolation": INTERPOLATION_NAME,
+    }
+
+
+_PREPROCESSING_ARGUMENTS = ("image_size", "mean", "std", "crop_pct", "crop_mode", "hflip", "crop_scale", "affine")
 
 
 def _check_arguments(dataset, root, shots, seed, val_fraction, max_val_per_class, on_bad_image, test_fraction) -> None:
