@@ -44,7 +44,8 @@ class VisionLoraCLI(LightningCLI):
 
 
 def resolve_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tuple[Path, str | None]:
-    """A new timestamped run directory, or the directory of the checkpoint being resumed."""
+    """A new timestamped run directory (created, see :func:`create_run_dir`), or the directory of the checkpoint
+    being resumed."""
     if ckpt_path == "last":
         candidates = sorted((runs_dir / run_name).glob("*/checkpoints/last.ckpt"))
         if not candidates:
@@ -56,8 +57,23 @@ def resolve_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tup
             raise FileNotFoundError(f"--ckpt_path: no checkpoint file {path}")
         if path.parent.name == "checkpoints":
             return path.parent.parent, str(path)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    return runs_dir / run_name / stamp, ckpt_path
+    return create_run_dir(runs_dir / run_name, datetime.now().strftime("%Y%m%d-%H%M%S-%f")), ckpt_path
+
+
+def create_run_dir(parent: Path, stamp: str) -> Path:
+    """Create ``parent/stamp`` exclusively; when another run holds that name, ``stamp-1``, ``stamp-2``, ...
+
+    Two runs started in the same microsecond (or on clocks that agree) never share a directory.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    path, attempt = parent / stamp, 0
+    while True:
+        try:
+            path.mkdir(exist_ok=False)
+            return path
+        except FileExistsError:
+            attempt += 1
+            path = parent / f"{stamp}-{attempt}"
 
 
 def build_cli(cli_class: type[VisionLoraCLI], model_class, data_class, args: list[str] | dict | None
