@@ -1,22 +1,28 @@
 """What every task's command line shares: the LightningCLI subclass, run directories, fit-and-test, run outputs.
 
 Each run writes a run directory ``<runs_dir>/<run_name>/<timestamp>/`` with the resolved config, the metrics CSV,
-checkpoints, the adapter, a training-curve PNG and ``results.json``; the task modules add their own files.
+checkpoints, the adapter, a training-curve PNG and ``results.json``; the task modules add their own files. A run
+that fails before its first training step (while building the model, data or trainer, or in the data's setup)
+removes the directory it created; a later failure keeps it, checkpoints included, for ``--ckpt_path last``.
+Checkpoints are written to a temporary file beside their target and renamed into place.
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from visionlora.files import write_json_atomic
+from visionlora.files import atomic_write, write_json_atomic
 from visionlora.reporting import format_table, plot_training_curves
 
 # The top-level options VisionLoraCLI adds to LightningCLI's (trainer, model, data, seed_everything, ...).
@@ -39,8 +45,17 @@ class VisionLoraCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config
         self.run_dir, self.resume_from = resolve_run_dir(Path(config.runs_dir), config.run_name, config.ckpt_path)
+        # Empty: made just now for this run (a resumed run's directory holds its checkpoints), so ours to remove.
+        self.created_run_dir = not any(self.run_dir.iterdir())
         config.trainer.default_root_dir = str(self.run_dir)
         config.data.run_dir = str(self.run_dir)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            discard_run_dir(self)
+            raise
 
 
 def resolve_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tuple[Path, str | None]:
@@ -86,18 +101,53 @@ def build_cli(cli_class: type[VisionLoraCLI], model_class, data_class, args: lis
                     save_config_kwargs={"overwrite": True},
                     trainer_defaults={"logger": False, "callbacks": [ModelCheckpoint(save_last=True)]})
     cli.trainer.logger = CSVLogger(save_dir=str(cli.run_dir), name="", version="")
+    strategy = cli.trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: not a writer the user chose
+        strategy.checkpoint_io = AtomicCheckpointIO()
     return cli
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint files, written to a temporary file beside the target and renamed into place.
+
+    Lightning's own writer stages the file in $TMPDIR (an fsspec transaction): a killed run leaves it there, and
+    where $TMPDIR is another file system the final move is a copy that a kill leaves half-written at the target.
+    Here a failure removes the temporary file and a kill leaves it beside the checkpoint, in the run directory.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote targets: Lightning's fsspec writer
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_write(path, lambda temporary: torch.save(checkpoint, temporary))
 
 
 def fit_and_test(cli: VisionLoraCLI) -> tuple[dict, float]:
     """Fit (resuming when asked), then test unless ``--run_test false``: the test metrics and the fit seconds."""
     started = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
+    except BaseException:
+        if cli.trainer.global_step == 0:  # nothing trained: the run directory holds nothing worth keeping
+            discard_run_dir(cli)
+        raise
     seconds = time.perf_counter() - started
     results = {}
     if cli.config.run_test:
         results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=None, verbose=False)[0]
     return results, seconds
+
+
+def discard_run_dir(cli: VisionLoraCLI) -> None:
+    """Remove the run directory of a failed run if this run created it (and its run-name folder, if now empty)."""
+    run_dir = getattr(cli, "run_dir", None)
+    if run_dir is None or not getattr(cli, "created_run_dir", False):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        run_dir.parent.rmdir()
+    except OSError:  # other runs of this name live there
+        pass
 
 
 def plot_run_curves(run_dir: Path, **labels) -> None:
