@@ -93,14 +93,17 @@ def create_run_dir(parent: Path, stamp: str) -> Path:
 
 def build_cli(cli_class: type[VisionLoraCLI], model_class, data_class, args: list[str] | dict | None
               ) -> VisionLoraCLI:
-    """Parse the arguments into a CLI whose trainer keeps the last checkpoint and logs CSV into the run directory.
+    """Parse the arguments into a CLI whose trainer keeps the last checkpoint and logs CSV into the run directory,
+    beside any ``--trainer.logger``.
 
     ``args``: a command line (a list), or a config already parsed into a dict (see :func:`visionlora.cli.main`).
     """
     cli = cli_class(model_class, data_class, run=False, seed_everything_default=0, args=args,
                     save_config_kwargs={"overwrite": True},
                     trainer_defaults={"logger": False, "callbacks": [ModelCheckpoint(save_last=True)]})
-    cli.trainer.logger = CSVLogger(save_dir=str(cli.run_dir), name="", version="")
+    # The run directory's metrics.csv (the plots read it) joins the user's --trainer.logger, first: Lightning puts
+    # checkpoints and config.yaml in the first logger's folder, and resume looks for them in the run directory.
+    cli.trainer.loggers = [CSVLogger(save_dir=str(cli.run_dir), name="", version=""), *cli.trainer.loggers]
     strategy = cli.trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: not a writer the user chose
         strategy.checkpoint_io = AtomicCheckpointIO()
