@@ -13,16 +13,20 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from visionlora.files import atomic_write, write_json_atomic
+from visionlora.models.detection import resolve_backbone
+from visionlora.models.families import architecture_lora_targets
 from visionlora.reporting import format_table, plot_training_curves
 
 # The top-level options VisionLoraCLI adds to LightningCLI's (trainer, model, data, seed_everything, ...).
@@ -49,6 +53,18 @@ class VisionLoraCLI(LightningCLI):
         self.created_run_dir = not any(self.run_dir.iterdir())
         config.trainer.default_root_dir = str(self.run_dir)
         config.data.run_dir = str(self.run_dir)
+        fill_lora_targets(config.model, self.given)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self._parsed_args = (parser, args)
+
+    def given(self) -> Namespace:
+        """Only what the configs and flags set, without the defaults (parsed again, so only when asked for)."""
+        parser, args = self._parsed_args
+        if isinstance(args, dict):
+            return parser.parse_object(args, defaults=False)
+        return parser.parse_args(args, defaults=False)
 
     def instantiate_classes(self) -> None:
         try:
@@ -73,6 +89,18 @@ def resolve_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tup
         if path.parent.name == "checkpoints":
             return path.parent.parent, str(path)
     return create_run_dir(runs_dir / run_name, datetime.now().strftime("%Y%m%d-%H%M%S-%f")), ckpt_path
+
+
+def fill_lora_targets(model: Namespace, given: Callable[[], Namespace]) -> None:
+    """A ``model.lora`` section that leaves ``targets`` out gets the backbone family's (``attn`` or ``conv``).
+
+    LoraConfig's own default, ``attn``, adapts nothing in a ConvNet. ``given`` returns what the command line set.
+    """
+    lora = model.get("lora")
+    if model.get("method") != "lora" or not isinstance(lora, Namespace) or given().get("model.lora.targets"):
+        return
+    architecture, model_args = resolve_backbone(model.backbone, model.get("pretrained_file"), model.get("model_args"))
+    lora.targets = architecture_lora_targets(architecture, model_args)
 
 
 def create_run_dir(parent: Path, stamp: str) -> Path:
