@@ -11,7 +11,7 @@
 import sys
 from pathlib import Path
 
-from visionlora.cli import main
+from visionlora.cli import command_line
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -19,4 +19,4 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if not any(arg == "--config" or arg.startswith("--config=") for arg in args):
         args = ["--config", str(DEFAULT_CONFIG), *args]  # no --config: the default config, flags override it
-    main(args)
+    sys.exit(command_line(args))

@@ -22,7 +22,7 @@ def test_a_run_that_fails_while_building_leaves_no_run_directory(tmp_path, bad):
 
 
 def test_a_run_that_fails_in_data_setup_leaves_no_run_directory(tmp_path):
-    """More shots than digits has per class: found when the shots are drawn, inside ``trainer.fit``."""
+    """More shots than digits has per class: found when the shots are drawn, after the run directory was made."""
     with pytest.raises(ValueError, match="fewer than k=1000 images"):
         main(fast_args(tmp_path, "--data.shots", "1000"))
     assert run_dirs(tmp_path) == []
