@@ -31,7 +31,9 @@ def _error_line(capsys) -> str:
     (["--model.method", "bogus"], "error: method must be one of ('lora', 'full', 'linear'), got 'bogus'"),
     (["--model.pretrained_file", "no/such/weights.safetensors"], "no/such/weights.safetensors"),
     (["--data.shots", "1000"], "error: sample_k_shot: fewer than k=1000 images in class '5'"),
-], ids=["r", "targets", "dropout", "method", "weights", "shots"])
+    (["--model.backbone", "vit_tiny_patch16"], "error: model.backbone: 'vit_tiny_patch16' is not a timm architecture; "
+                                               "similar: "),
+], ids=["r", "targets", "dropout", "method", "weights", "shots", "backbone"])
 def test_a_bad_value_is_one_line_and_exit_code_2(tmp_path, capsys, flags, says):
     assert command_line(fast_args(tmp_path, *flags)) == 2
     assert says in _error_line(capsys)

@@ -9,6 +9,7 @@ Checkpoints are written to a temporary file beside their target and renamed into
 
 from __future__ import annotations
 
+import difflib
 import shlex
 import shutil
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import timm
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -48,12 +50,13 @@ class VisionLoraCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config
+        check_backbone(config.model.backbone)
+        fill_lora_targets(config.model, self.given)
         self.run_dir, self.resume_from = resolve_run_dir(Path(config.runs_dir), config.run_name, config.ckpt_path)
         # Empty: made just now for this run (a resumed run's directory holds its checkpoints), so ours to remove.
         self.created_run_dir = not any(self.run_dir.iterdir())
         config.trainer.default_root_dir = str(self.run_dir)
         config.data.run_dir = str(self.run_dir)
-        fill_lora_targets(config.model, self.given)
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -89,6 +92,15 @@ def resolve_run_dir(runs_dir: Path, run_name: str, ckpt_path: str | None) -> tup
         if path.parent.name == "checkpoints":
             return path.parent.parent, str(path)
     return create_run_dir(runs_dir / run_name, datetime.now().strftime("%Y%m%d-%H%M%S-%f")), ckpt_path
+
+
+def check_backbone(name: str) -> None:
+    """Raise ValueError for a ``model.backbone`` timm does not know (timm's own error is a RuntimeError deep in
+    the model's construction)."""
+    if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise ValueError(f"model.backbone: {name!r} is not a timm architecture{hint}")
 
 
 def fill_lora_targets(model: Namespace, given: Callable[[], Namespace]) -> None:
