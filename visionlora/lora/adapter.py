@@ -46,7 +46,7 @@ from .config import LoraConfig
 from .inject import AdapterRecord, LoraState, attach, build_layers, lora_layers, lora_state, trained_module
 from .layer import DEFAULT_ADAPTER, LoraLayer
 from .peft_layout import from_peft, peft_rank, to_peft
-from .targets import LayerSpec, outermost
+from .targets import LayerSpec, base_modules, outermost
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
@@ -155,11 +155,12 @@ def _load_new_adapter(model: nn.Module, state: LoraState, name: str, specs: list
     slots and a new head first, so an adapter that does not fit changes nothing."""
     file = directory / WEIGHTS_NAME
     refuse_while_merged(model, "load_adapter")
-    check_shareable(state, name, config, trainable)
     try:
         staged = stage_slots(model, specs, name)
     except ValueError as err:
         raise ValueError(f"{file}: {err}") from None
+    _trained_modules(model, None, name, trainable, file)  # every trained module exists
+    check_shareable(state, name, config, trainable)
     head = _saved_head(model, state, trainable, tensors, own)
     slots = {path: (layer, slot) for path, (layer, slot, _) in staged.items()}
     for layer, slot in slots.values():
@@ -308,7 +309,7 @@ def _peft_config(model, record: AdapterRecord, ranks: dict, alphas: dict) -> dic
 
 def _peft_specs(model: nn.Module, config: dict, tensors: dict) -> list[LayerSpec]:
     """Specs for an adapter written by PEFT: one plain LoRA per module that has a lora_A."""
-    modules = dict(model.named_modules())
+    modules = base_modules(model)
     specs = []
     for key in tensors:
         if not key.endswith(".lora_A.weight"):

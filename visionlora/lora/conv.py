@@ -27,7 +27,7 @@ class LoraConv2d(LoraLayer):
 
     def __init__(self, base_layer: nn.Conv2d, rank: int, scale: float, dropout: float = 0.0, use_dora: bool = False,
                  form: str = "auto", adapter: str = DEFAULT_ADAPTER) -> None:
-        super().__init__(base_layer)
+        super().__init__(base_layer, adapter)
         self.groups = base_layer.groups
         self.add_slot(adapter, self.new_slot(rank, scale, dropout, use_dora, form))
 

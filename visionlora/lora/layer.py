@@ -61,10 +61,10 @@ class LoraLayer(nn.Module):
 
     supports_activation_form = True
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, active_adapter: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.active_adapter = DEFAULT_ADAPTER
+        self.active_adapter = active_adapter
         self.merged_adapter: str | None = None
         self.holds_default = False
         # Set by visionlora.lora.batch.adapter_batch for a forward pass where each sample has its own adapter.

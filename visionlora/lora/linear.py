@@ -20,7 +20,7 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Linear, rank: int, scale: float, dropout: float = 0.0, use_dora: bool = False,
                  form: str = "auto", adapter: str = DEFAULT_ADAPTER) -> None:
-        super().__init__(base_layer)
+        super().__init__(base_layer, adapter)
         self.add_slot(adapter, self.new_slot(rank, scale, dropout, use_dora, form))
 
     def build_factors(self, slot: nn.Module, rank: int) -> None:
@@ -113,7 +113,7 @@ class LoraFusedQKV(LoraLayer):
                  use_dora: bool = False, form: str = "auto", adapter: str = DEFAULT_ADAPTER) -> None:
         if base_layer.out_features % 3:
             raise ValueError(f"fused qkv Linear needs out_features divisible by 3, got {base_layer.out_features}")
-        super().__init__(base_layer)
+        super().__init__(base_layer, adapter)
         self.add_slot(adapter, self.new_slot(rank, scale, dropout, use_dora, form, slices=slices))
 
     def build_factors(self, slot: nn.Module, rank: int, slices: str = "qkv") -> None:

@@ -27,7 +27,7 @@ class LoraMultiheadAttention(LoraLayer):
                  adapt_out_proj: bool = True, form: str = "auto", adapter: str = DEFAULT_ADAPTER) -> None:
         if not base_layer._qkv_same_embed_dim or base_layer.in_proj_weight is None:
             raise ValueError("LoRA supports nn.MultiheadAttention only with kdim == vdim == embed_dim (in_proj_weight)")
-        super().__init__(base_layer)
+        super().__init__(base_layer, adapter)
         self.add_slot(adapter, self.new_slot(rank, scale, form="weight", slices=slices, adapt_out_proj=adapt_out_proj))
 
     def build_factors(self, slot: nn.Module, rank: int, slices: str = "qkv", adapt_out_proj: bool = True) -> None:
