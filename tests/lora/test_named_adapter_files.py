@@ -67,6 +67,12 @@ def test_save_and_load_several_adapters_exactly(tmp_path):
     assert os.listdir(tmp_path / "one") == ["cats"]
     alone = load_adapter(base_model("test_vit", num_classes=3), tmp_path / "one" / "cats", name="cats")
     torch.testing.assert_close(outputs(alone, x, "cats"), outputs(model, x, "cats"), rtol=0, atol=0)
+    # A named adapter loaded first brings a head of its own size; the default one must fit the model's head.
+    first = load_adapter(base_model("test_vit"), tmp_path, name="dogs")
+    assert list_adapters(first) == ["dogs"] and first.get_classifier().out_features == 7
+    torch.testing.assert_close(outputs(first, x, "dogs"), outputs(model, x, "dogs"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"head\.weight has shape \[5, 64\], the model needs \[3, 64\]"):
+        load_adapter(base_model("test_vit", num_classes=3), tmp_path)
 
 
 def test_loading_over_an_existing_adapter_replaces_its_tensors(tmp_path):

@@ -46,7 +46,7 @@ from .config import LoraConfig
 from .inject import AdapterRecord, LoraState, attach, build_layers, lora_layers, lora_state, trained_module
 from .layer import DEFAULT_ADAPTER, LoraLayer
 from .peft_layout import from_peft, peft_rank, to_peft
-from .targets import LayerSpec, base_modules, outermost
+from .targets import LayerSpec, base_modules, find_head_path, outermost
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
@@ -104,8 +104,9 @@ def _save_one(model: nn.Module, state: LoraState, name: str, layers: dict[str, L
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` or by PEFT (for the same architecture) into ``model``.
 
-    A model without LoRA gets LoRA layers built from the adapter, and its own head must fit the saved one. A model
-    that holds an adapter ``name`` gets its tensors replaced (the same layers are required). A model with other
+    A model without LoRA gets LoRA layers built from the adapter; as the ``default`` adapter it keeps the model's
+    own head, which must fit the saved one, while a named adapter brings a head of its saved size. A model that
+    holds an adapter ``name`` gets its tensors replaced (the same layers are required). A model with other
     adapters gets ``name`` added, inactive, with a head of the saved size. ``directory`` is the adapter's folder,
     or a folder :func:`save_adapter` wrote several adapters to (then ``directory/name`` is read when it exists).
     Every tensor is checked before anything is changed; on error the model and all its adapters are as they were.
@@ -138,15 +139,30 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = DEF
     key = None if existing and state is None else name
     slots = {path: (layer, layer.slot(key)) for path, layer in layers.items()}
     trained = _trained_modules(model, state, name, trainable, directory / WEIGHTS_NAME)
+    head = _own_sized_head(model, name, trainable, tensors, own) if not existing else None
+    if head is not None:
+        trained[find_head_path(model)] = head
     updates = _plan_updates(slots, trained, tensors, directory / WEIGHTS_NAME)
     with torch.no_grad():
         for target, value in updates:
             target.copy_(value)
     if not existing:
-        attach(model, layers, config, specs, trainable=trainable, name=name, label_names=labels)
+        attach(model, layers, config, specs, trainable=trainable, name=name, head=head,
+               label_names=checked_labels(labels, head or model.get_classifier(), name) if labels else None)
     elif state is not None and labels is not None:
         state.adapters[name].label_names = labels
     return model
+
+
+def _own_sized_head(model: nn.Module, name: str, trainable: list[str], tensors: dict, own: dict | None
+                    ) -> nn.Module | None:
+    """The first adapter of a model keeps the model's head, which must fit, unless it is a named adapter (not
+    ``default``) whose saved head has another size: that one brings a head of its own size."""
+    if name == DEFAULT_ADAPTER:
+        return None
+    head = _saved_head(model, find_head_path(model), trainable, tensors, own)
+    current = model.get_classifier() if head is not None else None
+    return head if head is not None and head_classes(head) != head_classes(current) else None
 
 
 def _load_new_adapter(model: nn.Module, state: LoraState, name: str, specs: list[LayerSpec], config: LoraConfig,
@@ -161,7 +177,7 @@ def _load_new_adapter(model: nn.Module, state: LoraState, name: str, specs: list
         raise ValueError(f"{file}: {err}") from None
     _trained_modules(model, None, name, trainable, file)  # every trained module exists
     check_shareable(state, name, config, trainable)
-    head = _saved_head(model, state, trainable, tensors, own)
+    head = _saved_head(model, state.head_path, trainable, tensors, own) or new_head(model, state, None)
     slots = {path: (layer, slot) for path, (layer, slot, _) in staged.items()}
     for layer, slot in slots.values():
         layer.initialize("default", slot)
@@ -176,19 +192,19 @@ def _load_new_adapter(model: nn.Module, state: LoraState, name: str, specs: list
     commit_adapter(model, state, name, staged, record)
 
 
-def _saved_head(model: nn.Module, state: LoraState, trainable: list[str], tensors: dict, own: dict | None):
-    """A new head for a loaded adapter, of the saved number of classes (a copy of the active one when the adapter
-    does not train its head)."""
-    if state.head_path is None or state.head_path not in trainable:
-        return new_head(model, state, None)
+def _saved_head(model: nn.Module, head_path: str | None, trainable: list[str], tensors: dict, own: dict | None
+                ) -> nn.Module | None:
+    """A new head of the saved number of classes for a loaded adapter, or None when the adapter does not train
+    the head or its size cannot be told."""
+    if head_path is None or head_path not in trainable:
+        return None
     classes = (own.get("head") or {}).get("num_classes") if own else None
-    weight = tensors.get(f"{PREFIX}{state.head_path}.weight")
+    weight = tensors.get(f"{PREFIX}{head_path}.weight")
     if classes is None and weight is not None:
         classes = weight.shape[0]
-    current = model.get_submodule(state.head_path)
-    if classes is None or not isinstance(current, nn.Linear | nn.Conv2d):
-        return new_head(model, state, None)
-    return sized_head(model, state.head_path, int(classes))
+    if classes is None or not isinstance(model.get_submodule(head_path), nn.Linear | nn.Conv2d):
+        return None
+    return sized_head(model, head_path, int(classes))
 
 
 def _trained_modules(model: nn.Module, state: LoraState | None, name: str, trainable: list[str], file: Path
