@@ -5,6 +5,10 @@ layer type stores its update as one or more :class:`Factors`: a pair (A, B) that
 base weight, split into ``groups`` independent blocks so grouped convolutions keep their block-diagonal layout.
 From the factors this module derives ΔW in the base weight's own shape, so merging is a plain ``W += ΔW`` for
 every layer type.
+
+A layer may hold several named adapters (several tasks on one frozen backbone): one slot of factors and settings
+per adapter, and the name of the active one, which is all the forward pass looks at. The adapter named
+``default`` keeps its slot on the layer itself, so a single-adapter layer has the names it always had.
 """
 
 from __future__ import annotations
