@@ -6,7 +6,11 @@ Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106
 from .lora import (
     LoraConfig,
     RankReport,
+    adapter_batch,
+    add_adapter,
+    delete_adapter,
     inject_lora,
+    list_adapters,
     load_adapter,
     lora_layers,
     lora_summary,
@@ -14,6 +18,7 @@ from .lora import (
     rank_report,
     rank_report_from_adapter,
     save_adapter,
+    set_adapter,
     unload_lora,
     unmerge_lora,
 )
@@ -23,7 +28,11 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig",
     "RankReport",
+    "adapter_batch",
+    "add_adapter",
+    "delete_adapter",
     "inject_lora",
+    "list_adapters",
     "load_adapter",
     "lora_layers",
     "lora_summary",
@@ -31,6 +40,7 @@ __all__ = [
     "rank_report",
     "rank_report_from_adapter",
     "save_adapter",
+    "set_adapter",
     "unload_lora",
     "unmerge_lora",
 ]

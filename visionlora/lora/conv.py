@@ -19,21 +19,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .layer import Factors, LoraLayer, new_factor
+from .layer import DEFAULT_ADAPTER, Factors, LoraLayer, new_factor
 
 
 class LoraConv2d(LoraLayer):
     """A wrapped 2-D convolution with ΔW = scale · blockdiag_g(B_g·A_g)."""
 
     def __init__(self, base_layer: nn.Conv2d, rank: int, scale: float, dropout: float = 0.0, use_dora: bool = False,
-                 form: str = "auto") -> None:
-        super().__init__(base_layer, scale, dropout, use_dora, form)
-        weight = base_layer.weight
-        groups = base_layer.groups
-        self.lora_A = new_factor(groups * rank, *weight.shape[1:], like=weight)
-        self.lora_B = new_factor(weight.shape[0], rank, 1, 1, like=weight)
-        self.rank = rank
-        self.groups = groups
+                 form: str = "auto", adapter: str = DEFAULT_ADAPTER) -> None:
+        super().__init__(base_layer, adapter)
+        self.groups = base_layer.groups
+        self.add_slot(adapter, self.new_slot(rank, scale, dropout, use_dora, form))
+
+    def build_factors(self, slot: nn.Module, rank: int) -> None:
+        weight = self.base_layer.weight
+        slot.lora_A = new_factor(self.groups * rank, *weight.shape[1:], like=weight)
+        slot.lora_B = new_factor(weight.shape[0], rank, 1, 1, like=weight)
 
     @property
     def supports_activation_form(self) -> bool:
@@ -45,16 +46,18 @@ class LoraConv2d(LoraLayer):
         # r output channels can run slowly on CPU kernels. Which wins depends on shape and device: measure it.
         return True
 
-    def factors(self) -> list[Factors]:
-        return [Factors(self.lora_A, self.lora_B, slice(None), groups=self.groups, rank=self.rank)]
+    def factors(self, adapter: str | nn.Module | None = None) -> list[Factors]:
+        slot = self.slot(adapter)
+        return [Factors(slot.lora_A, slot.lora_B, slice(None), groups=self.groups, rank=slot.rank)]
 
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def activation_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def activation_delta(self, x: torch.Tensor, adapter: str | nn.Module | None = None) -> torch.Tensor:
+        slot = self.slot(adapter)
         # The base layer's own padding/stride/dilation/groups, with A as the weight: conv(x, A) has groups·r channels.
-        hidden = self.base_layer._conv_forward(x, self.lora_A, None)
-        return F.conv2d(hidden, self.lora_B * self.scale, groups=self.groups)
+        hidden = self.base_layer._conv_forward(x, slot.lora_A, None)
+        return F.conv2d(hidden, slot.lora_B * slot.scale, groups=self.groups)
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if type(self.base_layer) is nn.Conv2d:

@@ -5,6 +5,10 @@ layer type stores its update as one or more :class:`Factors`: a pair (A, B) that
 base weight, split into ``groups`` independent blocks so grouped convolutions keep their block-diagonal layout.
 From the factors this module derives ΔW in the base weight's own shape, so merging is a plain ``W += ΔW`` for
 every layer type.
+
+A layer may hold several named adapters (several tasks on one frozen backbone): one slot of factors and settings
+per adapter, and the name of the active one, which is all the forward pass looks at. The adapter named
+``default`` keeps its slot on the layer itself, so a single-adapter layer has the names it always had.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+DEFAULT_ADAPTER = "default"
+# The per-adapter settings of a slot (besides its tensors): the adapter named "default" keeps them on the layer.
+SLOT_SETTINGS = ("rank", "scale", "use_dora", "lora_dropout", "weight_form", "form_pending", "_merged_norm")
 
 @dataclass
 class Factors:
@@ -38,83 +45,198 @@ class Factors:
         return torch.bmm(b, a)
 
 
-class LoraLayer(nn.Module):
-    """Base class: a frozen ``base_layer`` plus factors; subclasses say how the forward pass uses them.
+class AdapterSlot(nn.Module):
+    """One named adapter's factors and settings in one layer (``layer.lora_adapters[name]``).
 
-    Subclasses implement ``factors()``, ``base_weight()``, ``activation_delta(x)`` (the LoRA branch applied to
-    activations) and ``forward_with_weight(x, weight)`` (the base op with a substituted weight).
+    The adapter named ``default`` keeps the same members on the layer itself, under the names every single-adapter
+    model and checkpoint has (``lora_A``, ``lora_slices.lora_A_q``, ...). A slot has no ``forward``: its layer runs
+    it. Members: the :data:`SLOT_SETTINGS`, the factors, the DoRA magnitude and PiSSA's initial factors.
+    """
+
+
+class LoraLayer(nn.Module):
+    """Base class: a frozen ``base_layer`` plus one slot of factors per named adapter, one of them active.
+
+    Subclasses implement ``build_factors(slot, rank, ...)``, ``factors(adapter)``, ``base_weight()``,
+    ``activation_delta(x, adapter)`` (the LoRA branch applied to activations) and ``forward_with_weight(x, weight)``
+    (the base op with a substituted weight). Every per-adapter method takes ``adapter``: None for the active one,
+    a name, or a slot (built by :meth:`new_slot`, possibly not yet added).
     """
 
     supports_activation_form = True
 
-    def __init__(self, base_layer: nn.Module, scale: float, dropout: float, use_dora: bool, form: str) -> None:
+    def __init__(self, base_layer: nn.Module, active_adapter: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.scale = float(scale)
-        # No dropout module when p == 0: nn.Dropout(0) still copies its input in training mode.
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self.use_dora = use_dora
-        self.merged = False
-        self.weight_form = self._resolve_form(form)
-        # form='auto' on a layer that has both forms and no clear winner: time both on the first training step.
-        self.form_pending = form == "auto" and self.measures_form() and self._has_both_forms()
-        self._merged_norm: torch.Tensor | None = None
-        if use_dora:
-            weight = self.base_weight()
-            self.lora_magnitude = nn.Parameter(weight.new_empty(weight.shape[0]))
+        self.active_adapter = active_adapter
+        self.merged_adapter: str | None = None
+        self.holds_default = False
+        # Set by visionlora.lora.batch.adapter_batch for a forward pass where each sample has its own adapter.
+        self.batch_plan = None
 
     # ----- subclass interface -------------------------------------------------------------------------------
-    def factors(self) -> list[Factors]:
+    def build_factors(self, slot: nn.Module, rank: int, **kind) -> None:
+        raise NotImplementedError
+
+    def factors(self, adapter: str | nn.Module | None = None) -> list[Factors]:
         raise NotImplementedError
 
     def base_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def activation_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def activation_delta(self, x: torch.Tensor, adapter: str | nn.Module | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor) -> torch.Tensor:
+    def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor,
+                           adapter: str | nn.Module | None = None) -> torch.Tensor:
         """base(x) + activation_delta(lora_input), the delta added in place: the base output is fresh and nothing
         saved it for backward, so no second and third output-sized tensor (the delta, the sum) are made."""
-        return self.base_layer(x).add_(self.activation_delta(lora_input))
+        return self.base_layer(x).add_(self.activation_delta(lora_input, adapter))
+
+    # ----- named adapters -----------------------------------------------------------------------------------
+    def new_slot(self, rank: int, scale: float, dropout: float = 0.0, use_dora: bool = False, form: str = "auto",
+                 **kind) -> AdapterSlot:
+        """A slot of uninitialised factors for this layer, not yet added (see :meth:`add_slot`, :meth:`initialize`).
+
+        ``kind``: the subclass's own options (``slices`` for qkv and MultiheadAttention, ``adapt_out_proj``).
+        """
+        slot = AdapterSlot()
+        slot.rank = rank
+        slot.scale = float(scale)
+        # No dropout module when p == 0: nn.Dropout(0) still copies its input in training mode.
+        slot.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        slot.use_dora = use_dora
+        slot.weight_form = self._resolve_form(form, slot)
+        # form='auto' on a layer that has both forms and no clear winner: time both on the first training step.
+        slot.form_pending = form == "auto" and self.measures_form() and self._has_both_forms(slot)
+        slot._merged_norm = None
+        if use_dora:
+            weight = self.base_weight()
+            slot.lora_magnitude = nn.Parameter(weight.new_empty(weight.shape[0]))
+        self.build_factors(slot, rank, **kind)
+        return slot
+
+    def add_slot(self, name: str, slot: AdapterSlot) -> None:
+        """Hold ``slot`` as adapter ``name``: on the layer itself for ``default``, else in ``lora_adapters``."""
+        if self.slot_or_none(name) is not None:
+            raise ValueError(f"{type(self).__name__} already holds an adapter named {name!r}")
+        if name == DEFAULT_ADAPTER:
+            _move_members(slot, self)
+            self.holds_default = True
+            return
+        if "lora_adapters" not in self._modules:
+            self.lora_adapters = nn.ModuleDict()
+        self.lora_adapters[name] = slot
+
+    def remove_slot(self, name: str) -> None:
+        """Drop adapter ``name``'s factors from this layer (its parameters are freed with the last reference)."""
+        self.slot(name)
+        if name != DEFAULT_ADAPTER:
+            del self.lora_adapters[name]
+            return
+        for member in _slot_members(self):
+            delattr(self, member)
+        self.holds_default = False
+
+    def adapter_names(self) -> list[str]:
+        """The adapters this layer holds, ``default`` first."""
+        others = list(self._modules["lora_adapters"]) if "lora_adapters" in self._modules else []
+        return ([DEFAULT_ADAPTER] if self.holds_default else []) + others
+
+    def slot_or_none(self, name: str) -> nn.Module | None:
+        """Adapter ``name``'s slot (the layer itself for ``default``), or None when this layer has no such adapter."""
+        if name == DEFAULT_ADAPTER:
+            return self if self.holds_default else None
+        adapters = self._modules.get("lora_adapters")
+        return adapters[name] if adapters is not None and name in adapters else None
+
+    def slot(self, adapter: str | nn.Module | None = None) -> nn.Module:
+        """The slot of ``adapter`` (None: the active one); a slot passed in is returned as it is."""
+        if isinstance(adapter, nn.Module):
+            return adapter
+        name = self.active_adapter if adapter is None else adapter
+        found = self.slot_or_none(name)
+        if found is None:
+            raise ValueError(f"{type(self).__name__} holds no adapter {name!r}; it holds {self.adapter_names()}")
+        return found
+
+    @property
+    def merged(self) -> bool:
+        """Whether an adapter's ΔW is folded into the base weight (``merged_adapter`` says which)."""
+        return self.merged_adapter is not None
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        self.merged_adapter = self.active_adapter if value else None
 
     # ----- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged_adapter is not None:
             return self.base_layer(x)
-        if self.form_pending and self.training and torch.is_grad_enabled():
-            self.weight_form = measure_faster_form(self, x)
-            self.form_pending = False
-        if self.weight_form:
-            return self.forward_with_weight(x, self.adapted_weight())
-        lora_input = self.lora_dropout(x) if self.lora_dropout is not None else x
-        return self.activation_forward(x, lora_input)
+        if self.batch_plan is not None:
+            return self.mixed_forward(x)
+        # Only the active adapter's slot is looked up: the others cost nothing.
+        slot = self.slot_or_none(self.active_adapter)
+        if slot is None:
+            return self.base_layer(x)
+        return self.slot_forward(x, slot)
 
-    def forward_in_form(self, x: torch.Tensor, weight_form: bool) -> torch.Tensor:
+    def slot_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
+        """The unmerged forward pass with one adapter, in its form."""
+        if slot.form_pending and self.training and torch.is_grad_enabled():
+            slot.weight_form = measure_faster_form(self, x, slot)
+            slot.form_pending = False
+        if slot.weight_form:
+            return self.forward_with_weight(x, self.adapted_weight(slot))
+        lora_input = slot.lora_dropout(x) if slot.lora_dropout is not None else x
+        return self.activation_forward(x, lora_input, slot)
+
+    def mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sample (dim 0) with its own adapter (``batch_plan``): one base op for the whole batch plus each
+        group's low-rank branch when every group runs in the activation form, else one op per group."""
+        plan = self.batch_plan
+        plan.check_batch(x.shape[0])
+        slots = [self.slot_or_none(name) for name in plan.names]
+        if all(slot is None or not slot.weight_form for slot in slots):
+            out = self.base_layer(x)
+            for group, slot in enumerate(slots):
+                if slot is not None:
+                    rows = plan.take(x, group)
+                    rows = slot.lora_dropout(rows) if slot.lora_dropout is not None else rows
+                    delta = self.activation_delta(rows, slot).to(out.dtype)
+                    out.index_add_(0, plan.indices[group].to(out.device), delta)
+            return out
+        pieces = [self.base_layer(rows) if slot is None else self.slot_forward(rows, slot)
+                  for rows, slot in zip(plan.split(x), slots, strict=True)]
+        return plan.join(pieces)
+
+    def forward_in_form(self, x: torch.Tensor, weight_form: bool, adapter: str | nn.Module | None = None
+                        ) -> torch.Tensor:
         """The unmerged forward pass in the given form (both give the same result up to float rounding); the
         activation form is the very path :meth:`forward` takes, so timing it measures what will run."""
+        slot = self.slot(adapter)
         if weight_form:
-            return self.forward_with_weight(x, self.adapted_weight())
-        return self.activation_forward(x, x)
+            return self.forward_with_weight(x, self.adapted_weight(slot))
+        return self.activation_forward(x, x, slot)
 
-    def _has_both_forms(self) -> bool:
-        return self.supports_activation_form and not self.use_dora and self.lora_dropout is None
+    def _has_both_forms(self, slot: nn.Module) -> bool:
+        return self.supports_activation_form and not slot.use_dora and slot.lora_dropout is None
 
-    def _resolve_form(self, form: str) -> bool:
+    def _resolve_form(self, form: str, slot: nn.Module) -> bool:
         """True for the weight-space form op(x, W + ΔW), False for the activation-space form op(x) + x·Aᵀ·Bᵀ."""
-        needs_weight_form = self.use_dora or not self.supports_activation_form
-        if needs_weight_form and self.lora_dropout is not None:
-            kind = "DoRA" if self.use_dora else type(self.base_layer).__name__
+        needs_weight_form = slot.use_dora or not self.supports_activation_form
+        if needs_weight_form and slot.lora_dropout is not None:
+            kind = "DoRA" if slot.use_dora else type(self.base_layer).__name__
             raise ValueError(f"LoRA dropout needs the activation-space form, which {kind} layers lack; set dropout=0")
         if needs_weight_form:
             return True
         if form == "auto":
             # Until measured (see measures_form), measuring layers run in the weight form: one op instead of three.
-            return self.measures_form() and self.lora_dropout is None
-        if form == "weight" and self.lora_dropout is not None:
+            return self.measures_form() and slot.lora_dropout is None
+        if form == "weight" and slot.lora_dropout is not None:
             raise ValueError("LoRA dropout needs the activation-space form; set dropout=0 or form='auto'")
         return form == "weight"
 
@@ -123,62 +245,68 @@ class LoraLayer(nn.Module):
         return False
 
     # ----- ΔW and merge -------------------------------------------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, adapter: str | nn.Module | None = None) -> torch.Tensor:
         """ΔW = scale · B·A in the base weight's shape (block-diagonal per group, zero rows where not adapted)."""
+        slot = self.slot(adapter)
         weight = self.base_weight()
-        pairs = self.factors()
+        pairs = self.factors(slot)
         if len(pairs) == 1 and pairs[0].rows == slice(None):
             # The common case: one pair covers every row, so no zero-filled buffer is needed.
-            return pairs[0].blocks(self.scale).reshape(weight.shape)
+            return pairs[0].blocks(slot.scale).reshape(weight.shape)
         delta = weight.new_zeros(weight.shape[0], weight[0].numel())
         for pair in pairs:
-            delta[pair.rows] = pair.blocks(self.scale).reshape(-1, delta.shape[1])
+            delta[pair.rows] = pair.blocks(slot.scale).reshape(-1, delta.shape[1])
         return delta.reshape(weight.shape)
 
-    def adapted_weight(self) -> torch.Tensor:
+    def adapted_weight(self, adapter: str | nn.Module | None = None) -> torch.Tensor:
         """W + ΔW, rescaled per output channel by DoRA's magnitude when enabled (Liu et al. 2024)."""
-        weight = self.base_weight() + self.delta_weight()
-        if not self.use_dora:
+        slot = self.slot(adapter)
+        weight = self.base_weight() + self.delta_weight(slot)
+        if not slot.use_dora:
             return weight
         # DoRA section 4.3: the norm is treated as a constant so it receives no gradient.
         norm = _row_norm(weight).detach()
-        return weight * _per_row(self.lora_magnitude / norm, weight)
+        return weight * _per_row(slot.lora_magnitude / norm, weight)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW into the base weight in place. Merging an already merged layer does nothing."""
-        if self.merged:
+        """Fold the active adapter's ΔW into the base weight in place. Merging a merged layer does nothing, nor
+        does merging a layer the active adapter does not adapt."""
+        slot = self.slot_or_none(self.active_adapter)
+        if self.merged or slot is None:
             return
         weight = self.base_weight()
-        if self.use_dora:
-            self._merged_norm = _row_norm(weight.float() + self.delta_weight().float())
-        weight.copy_(self.adapted_weight().to(weight.dtype))
-        self.merged = True
+        if slot.use_dora:
+            slot._merged_norm = _row_norm(weight.float() + self.delta_weight(slot).float())
+        weight.copy_(self.adapted_weight(slot).to(weight.dtype))
+        self.merged_adapter = self.active_adapter
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge` (up to float rounding). Unmerging an unmerged layer does nothing."""
         if not self.merged:
             return
+        slot = self.slot(self.merged_adapter)
         weight = self.base_weight()
         restored = weight.float()
-        if self.use_dora:
-            restored = restored * _per_row(self._merged_norm / self.lora_magnitude.float(), restored)
-        weight.copy_((restored - self.delta_weight().float()).to(weight.dtype))
-        self.merged = False
+        if slot.use_dora:
+            restored = restored * _per_row(slot._merged_norm / slot.lora_magnitude.float(), restored)
+        weight.copy_((restored - self.delta_weight(slot).float()).to(weight.dtype))
+        self.merged_adapter = None
 
     # ----- initialisation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def initialize(self, init: str) -> None:
+    def initialize(self, init: str, adapter: str | nn.Module | None = None) -> None:
         """Set A and B (and the DoRA magnitude); ``pissa`` also moves the principal part out of the base weight."""
-        for pair in self.factors():
+        slot = self.slot(adapter)
+        for pair in self.factors(slot):
             _init_pair(pair, init)
         if init == "pissa":
-            self._init_pissa()
-        if self.use_dora:
-            self.lora_magnitude.copy_(_row_norm(self.base_weight() + self.delta_weight()))
+            self._init_pissa(slot)
+        if slot.use_dora:
+            slot.lora_magnitude.copy_(_row_norm(self.base_weight() + self.delta_weight(slot)))
 
-    def _init_pissa(self) -> None:
+    def _init_pissa(self, slot: nn.Module) -> None:
         """PiSSA (Meng et al. 2024): A, B from the top-r singular triplets; the base weight keeps the residual.
 
         The initial factors are kept as buffers so the adapter can be saved as a plain LoRA against the original
@@ -186,51 +314,83 @@ class LoraLayer(nn.Module):
         """
         weight = self.base_weight()
         matrix = weight.detach().float().reshape(weight.shape[0], -1)
-        for index, pair in enumerate(self.factors()):
+        for index, pair in enumerate(self.factors(slot)):
             blocks = matrix[pair.rows].reshape(pair.groups, -1, matrix.shape[1])
             u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
-            root = (s[:, : pair.rank] / self.scale).sqrt()
+            root = (s[:, : pair.rank] / slot.scale).sqrt()
             a = root.unsqueeze(-1) * vh[:, : pair.rank]
             b = u[:, :, : pair.rank] * root.unsqueeze(1)
             pair.A.copy_(a.reshape(pair.A.shape))
             pair.B.copy_(b.reshape(pair.B.shape))
-            self.register_buffer(f"pissa_A0_{index}", pair.A.detach().clone())
-            self.register_buffer(f"pissa_B0_{index}", pair.B.detach().clone())
-        weight.sub_(self.delta_weight().to(weight.dtype))
+            slot.register_buffer(f"pissa_A0_{index}", pair.A.detach().clone())
+            slot.register_buffer(f"pissa_B0_{index}", pair.B.detach().clone())
+        weight.sub_(self.delta_weight(slot).to(weight.dtype))
 
-    def pissa_initial_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    def pissa_initial_factors(self, adapter: str | nn.Module | None = None
+                              ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """The (A0, B0) of each factor pair when initialised with PiSSA, else None."""
-        if not hasattr(self, "pissa_A0_0"):
+        slot = self.slot(adapter)
+        if "pissa_A0_0" not in slot._buffers:
             return None
-        return [(getattr(self, f"pissa_A0_{i}"), getattr(self, f"pissa_B0_{i}")) for i in range(len(self.factors()))]
+        count = len(self.factors(slot))
+        return [(slot.get_buffer(f"pissa_A0_{i}"), slot.get_buffer(f"pissa_B0_{i}")) for i in range(count)]
 
     # ----- bookkeeping --------------------------------------------------------------------------------------
-    def lora_parameter_count(self) -> int:
-        """Trainable LoRA numbers in this layer (A, B and the DoRA magnitude)."""
-        count = sum(p.A.numel() + p.B.numel() for p in self.factors())
-        return count + (self.lora_magnitude.numel() if self.use_dora else 0)
+    def lora_parameter_count(self, adapter: str | nn.Module | None = None) -> int:
+        """Trainable LoRA numbers of one adapter in this layer (A, B and the DoRA magnitude)."""
+        slot = self.slot(adapter)
+        count = sum(p.A.numel() + p.B.numel() for p in self.factors(slot))
+        return count + (slot.lora_magnitude.numel() if slot.use_dora else 0)
 
     def extra_repr(self) -> str:
-        ranks = ",".join(str(p.rank) for p in self.factors())
-        form = "weight" if self.weight_form else "activation"
-        return f"rank={ranks}, scale={self.scale:g}, form={form}, dora={self.use_dora}, merged={self.merged}"
+        names = self.adapter_names()
+        slot = self.slot_or_none(self.active_adapter)
+        text = f"adapters={names}, active={self.active_adapter!r}" if names != [DEFAULT_ADAPTER] else ""
+        if slot is not None:
+            ranks = ",".join(str(p.rank) for p in self.factors(slot))
+            form = "weight" if slot.weight_form else "activation"
+            own = f"rank={ranks}, scale={slot.scale:g}, form={form}, dora={slot.use_dora}, merged={self.merged}"
+            text = f"{own}, {text}" if text else own
+        return text
 
 
-def measure_faster_form(layer: LoraLayer, x: torch.Tensor, repeats: int = 2) -> bool:
+def _slot_members(layer: LoraLayer) -> list[str]:
+    """The default adapter's members on ``layer``: its settings, parameters, buffers and modules."""
+    settings = [name for name in SLOT_SETTINGS if name in vars(layer) or name in layer._modules]
+    owned = [*layer._parameters, *layer._buffers, *layer._modules]
+    return settings + [name for name in owned if name not in ("base_layer", "lora_adapters", *settings)]
+
+
+def _move_members(slot: nn.Module, layer: LoraLayer) -> None:
+    """Put a slot's members on the layer itself (the default adapter's home): the same objects, nothing copied."""
+    for name in SLOT_SETTINGS:
+        setattr(layer, name, getattr(slot, name))
+    for name, param in slot._parameters.items():
+        layer.register_parameter(name, param)
+    for name, buffer in slot._buffers.items():
+        layer.register_buffer(name, buffer)
+    for name, module in slot._modules.items():
+        if name not in SLOT_SETTINGS:
+            layer.add_module(name, module)
+
+
+def measure_faster_form(layer: LoraLayer, x: torch.Tensor, adapter: str | nn.Module | None = None,
+                        repeats: int = 2) -> bool:
     """Time forward + backward of both forms on ``x`` (best of ``repeats``); True if the weight form is faster.
 
     Which form wins depends on the layer's shape, the batch and the device's kernels (a thin k×k conv with r output
     channels is cheap in FLOPs but often slow on CPUs), so it is measured, as cudnn.benchmark does for algorithms.
     """
+    slot = layer.slot(adapter)
     probe = x.detach().requires_grad_(x.requires_grad)
     inputs = [probe] if probe.requires_grad else []
-    inputs += [p for p in layer.parameters() if p.requires_grad]
+    inputs += [p for p in slot.parameters() if p.requires_grad]
     timings = {}
     for weight_form in (False, True):
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            out = layer.forward_in_form(probe, weight_form)
+            out = layer.forward_in_form(probe, weight_form, slot)
             if inputs:
                 torch.autograd.grad(out, inputs, grad_outputs=torch.ones_like(out), allow_unused=True)
             best = min(best, time.perf_counter() - start)

@@ -12,42 +12,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import Factors, LoraLayer, new_factor
+from .layer import DEFAULT_ADAPTER, Factors, LoraLayer, new_factor
 
 
 class LoraLinear(LoraLayer):
     """y = x·Wᵀ + b + scale · x·Aᵀ·Bᵀ for a wrapped ``nn.Linear``."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, scale: float, dropout: float = 0.0, use_dora: bool = False,
-                 form: str = "auto") -> None:
-        super().__init__(base_layer, scale, dropout, use_dora, form)
-        weight = base_layer.weight
-        self.lora_A = new_factor(rank, base_layer.in_features, like=weight)
-        self.lora_B = new_factor(base_layer.out_features, rank, like=weight)
-        self.rank = rank
+                 form: str = "auto", adapter: str = DEFAULT_ADAPTER) -> None:
+        super().__init__(base_layer, adapter)
+        self.add_slot(adapter, self.new_slot(rank, scale, dropout, use_dora, form))
 
-    def factors(self) -> list[Factors]:
-        return [Factors(self.lora_A, self.lora_B, slice(None), groups=1, rank=self.rank)]
+    def build_factors(self, slot: nn.Module, rank: int) -> None:
+        weight = self.base_layer.weight
+        slot.lora_A = new_factor(rank, self.base_layer.in_features, like=weight)
+        slot.lora_B = new_factor(self.base_layer.out_features, rank, like=weight)
+
+    def factors(self, adapter: str | nn.Module | None = None) -> list[Factors]:
+        slot = self.slot(adapter)
+        return [Factors(slot.lora_A, slot.lora_B, slice(None), groups=1, rank=slot.rank)]
 
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def activation_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def activation_delta(self, x: torch.Tensor, adapter: str | nn.Module | None = None) -> torch.Tensor:
+        slot = self.slot(adapter)
         # Scaling the r×out factor is cheaper than scaling the N×out output.
-        return F.linear(F.linear(x, self.lora_A), self.lora_B * self.scale)
+        return F.linear(F.linear(x, slot.lora_A), slot.lora_B * slot.scale)
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base_layer.bias)
 
-    def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor) -> torch.Tensor:
+    def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor,
+                           adapter: str | nn.Module | None = None) -> torch.Tensor:
         # On 2-D rows: the base matmul, then scale · (x·Aᵀ)·Bᵀ accumulated into its output by one in-place addmm
         # (the scale as addmm's alpha). No output-sized temporary, no extra op to scale B, and no in-place write
         # through a view, which autograd would undo with a copy of the output gradient.
+        slot = self.slot(adapter)
         rows = x.reshape(-1, x.shape[-1])
         out = F.linear(rows, self.base_layer.weight, self.base_layer.bias)
-        low = F.linear(lora_input.reshape(-1, x.shape[-1]), self.lora_A)
+        low = F.linear(lora_input.reshape(-1, x.shape[-1]), slot.lora_A)
         # In-place ops skip autocast: the factors follow the output's dtype (a no-op in fp32).
-        out.addmm_(low.to(out.dtype), self.lora_B.to(out.dtype).t(), alpha=self.scale)
+        out.addmm_(low.to(out.dtype), slot.lora_B.to(out.dtype).t(), alpha=slot.scale)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -104,22 +110,26 @@ class LoraFusedQKV(LoraLayer):
     """A fused ``qkv`` Linear where any subset of q, k and v has its own LoRA factors."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, scale: float, slices: str = "qkv", dropout: float = 0.0,
-                 use_dora: bool = False, form: str = "auto") -> None:
+                 use_dora: bool = False, form: str = "auto", adapter: str = DEFAULT_ADAPTER) -> None:
         if base_layer.out_features % 3:
             raise ValueError(f"fused qkv Linear needs out_features divisible by 3, got {base_layer.out_features}")
-        super().__init__(base_layer, scale, dropout, use_dora, form)
-        dim = base_layer.out_features // 3
-        self.lora_slices = QKVSlices(base_layer.in_features, dim, slices or "qkv", rank, base_layer.weight)
-        self.rank = rank
+        super().__init__(base_layer, adapter)
+        self.add_slot(adapter, self.new_slot(rank, scale, dropout, use_dora, form, slices=slices))
 
-    def factors(self) -> list[Factors]:
-        return self.lora_slices.factors()
+    def build_factors(self, slot: nn.Module, rank: int, slices: str = "qkv") -> None:
+        base = self.base_layer
+        slot.lora_slices = QKVSlices(base.in_features, base.out_features // 3, slices or "qkv", rank, base.weight)
+
+    def factors(self, adapter: str | nn.Module | None = None) -> list[Factors]:
+        return self.slot(adapter).lora_slices.factors()
 
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def activation_delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_slices.stacked_A()), self.lora_slices.block_B() * self.scale)
+    def activation_delta(self, x: torch.Tensor, adapter: str | nn.Module | None = None) -> torch.Tensor:
+        slot = self.slot(adapter)
+        slices = slot.lora_slices
+        return F.linear(F.linear(x, slices.stacked_A()), slices.block_B() * slot.scale)
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base_layer.bias)

@@ -13,52 +13,57 @@ blocks (grouped convs); both are written as a single PEFT pair that is *exactly*
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .layer import Factors, LoraLayer
 from .mha import LoraMultiheadAttention
 
 
-def to_peft(layer: LoraLayer) -> dict[str, torch.Tensor]:
-    """The layer's tensors under PEFT's names relative to the module ("lora_A.weight", ...)."""
-    initial = layer.pissa_initial_factors()
+def to_peft(layer: LoraLayer, adapter: str | nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """One adapter's tensors of the layer (None: the active one) under PEFT's names relative to the module
+    ("lora_A.weight", ...)."""
+    slot = layer.slot(adapter)
+    initial = layer.pissa_initial_factors(slot)
     if isinstance(layer, LoraMultiheadAttention):
-        tensors = _pair_tensors(_export_pairs(layer.lora_slices.factors(), initial), 3 * layer.base_layer.embed_dim)
-        outs = layer.out_factors()
+        tensors = _pair_tensors(_export_pairs(slot.lora_slices.factors(), initial), 3 * layer.base_layer.embed_dim)
+        outs = layer.out_factors(slot)
         if outs:
             out_tensors = _pair_tensors(_export_pairs(outs, None), layer.base_layer.embed_dim)
             tensors.update({f"out_proj.{k}": v for k, v in out_tensors.items()})
         return tensors
     weight = layer.base_weight()
-    pairs = _export_pairs(layer.factors(), initial)
+    pairs = _export_pairs(layer.factors(slot), initial)
     if weight.dim() == 4:
         tensors = _conv_pair_tensors(pairs[0], weight)
     else:
         tensors = _pair_tensors(pairs, weight.shape[0])
-    if layer.use_dora:
-        magnitude = layer.lora_magnitude.detach()
+    if slot.use_dora:
+        magnitude = slot.lora_magnitude.detach()
         tensors["lora_magnitude_vector"] = magnitude.reshape(1, -1, 1, 1) if weight.dim() == 4 else magnitude
     return tensors
 
 
-def from_peft(layer: LoraLayer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map PEFT tensors (names relative to the module) to this layer's own parameter names.
+def from_peft(layer: LoraLayer, tensors: dict[str, torch.Tensor], adapter: str | nn.Module | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Map PEFT tensors (names relative to the module) to the adapter's own parameter names (relative to its slot).
 
-    The caller has checked names and shapes against :func:`to_peft` of the same layer.
+    The caller has checked names and shapes against :func:`to_peft` of the same layer and adapter.
     """
+    slot = layer.slot(adapter)
     if isinstance(layer, LoraMultiheadAttention):
-        slices = _split_pairs(layer.lora_slices, layer.lora_slices.factors(), tensors, "")
+        slices = _split_pairs(slot.lora_slices, slot.lora_slices.factors(), tensors, "")
         own = {f"lora_slices.{k}": v for k, v in slices.items()}
-        own.update(_split_pairs(layer, layer.out_factors(), tensors, "out_proj."))
+        own.update(_split_pairs(slot, layer.out_factors(slot), tensors, "out_proj."))
         return own
     weight = layer.base_weight()
     if weight.dim() == 4:
-        own = _split_conv(layer, tensors, weight)
+        own = _split_conv(layer, slot, tensors, weight)
     else:
-        holder = getattr(layer, "lora_slices", layer)
-        own = _split_pairs(holder, layer.factors(), tensors, "")
-        if holder is not layer:
+        holder = getattr(slot, "lora_slices", slot)
+        own = _split_pairs(holder, layer.factors(slot), tensors, "")
+        if holder is not slot:
             own = {f"lora_slices.{k}": v for k, v in own.items()}
-    if layer.use_dora:
+    if slot.use_dora:
         own["lora_magnitude"] = tensors["lora_magnitude_vector"].reshape(-1)
     return own
 
@@ -120,8 +125,8 @@ def _split_pairs(holder, pairs: list[Factors], tensors: dict, prefix: str) -> di
     return own
 
 
-def _split_conv(layer: LoraLayer, tensors: dict, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    groups, rank = layer.groups, layer.rank
+def _split_conv(layer: LoraLayer, slot: nn.Module, tensors: dict, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    groups, rank = layer.groups, slot.rank
     in_per_group, kh, kw = weight.shape[1:]
     dense = tensors["lora_A.weight"].reshape(groups, rank, groups * in_per_group, kh, kw)
     blocks = [dense[g, :, g * in_per_group : (g + 1) * in_per_group] for g in range(groups)]
@@ -131,5 +136,5 @@ def _split_conv(layer: LoraLayer, tensors: dict, weight: torch.Tensor) -> dict[s
     if torch.count_nonzero(off_block):
         # PEFT's grouped-conv LoRA uses a dense A, whose update is not grouped and so cannot be merged.
         raise ValueError("grouped-conv lora_A mixes input groups; only block-diagonal (mergeable) updates load")
-    lora_a = torch.stack(blocks).reshape(layer.lora_A.shape)
-    return {"lora_A": lora_a, "lora_B": tensors["lora_B.weight"].reshape(layer.lora_B.shape)}
+    lora_a = torch.stack(blocks).reshape(slot.lora_A.shape)
+    return {"lora_A": lora_a, "lora_B": tensors["lora_B.weight"].reshape(slot.lora_B.shape)}

@@ -113,13 +113,16 @@ def rank_report(model: nn.Module, energies: Sequence[float] = (0.9, 0.99)) -> Ra
     energies = _checked_energies(energies)
     rows = []
     for path, layer in lora_layers(model).items():
-        initial = layer.pissa_initial_factors()
-        for index, pair in enumerate(layer.factors()):
+        slot = layer.slot_or_none(layer.active_adapter)  # the active adapter's update; None: it skips this layer
+        if slot is None:
+            continue
+        initial = layer.pissa_initial_factors(slot)
+        for index, pair in enumerate(layer.factors(slot)):
             a, b = pair.A.reshape(pair.groups, pair.rank, -1), pair.B.reshape(pair.groups, -1, pair.rank)
             if initial is not None:
                 a0, b0 = initial[index]
                 a, b = torch.cat([a, a0.reshape(a.shape)], 1), torch.cat([b, -b0.reshape(b.shape)], 2)
-            rows.append(_row(*_name_and_kind(path, layer, index), a, b, layer.scale, energies))
+            rows.append(_row(*_name_and_kind(path, layer, slot, index), a, b, slot.scale, energies))
     return RankReport(rows, energies)
 
 
@@ -191,10 +194,10 @@ def _row(path: str, kind: str, a: torch.Tensor, b: torch.Tensor, scale: float, e
                    suggest_rank(effective[energies[0]], rank), rows + groups * fan_in)
 
 
-def _name_and_kind(path: str, layer, index: int) -> tuple[str, str]:
+def _name_and_kind(path: str, layer, slot, index: int) -> tuple[str, str]:
     if not isinstance(layer, LoraFusedQKV | LoraMultiheadAttention):
         return path, "conv" if isinstance(layer, LoraConv2d) else "linear"
-    slices, kind = layer.lora_slices.slices, "qkv" if isinstance(layer, LoraFusedQKV) else "mha"
+    slices, kind = slot.lora_slices.slices, "qkv" if isinstance(layer, LoraFusedQKV) else "mha"
     return f"{path}@{slices[index]}" if index < len(slices) else f"{path}.out_proj", kind
 
 

@@ -61,16 +61,20 @@ class LoraSummary:
 
 
 def lora_summary(model: nn.Module) -> LoraSummary:
-    """Summarise the LoRA layers of ``model`` (print it for a table)."""
+    """Summarise the LoRA layers of ``model``'s active adapter (print it for a table); the totals count every
+    parameter, inactive adapters and heads included."""
     rows = []
     for path, layer in lora_layers(model).items():
+        slot = layer.slot_or_none(layer.active_adapter)  # the active adapter's layers
+        if slot is None:
+            continue
         weight = layer.base_weight()
         # The adapted part of the weight: every row a factor pair covers, times its per-group fan-in.
-        base = sum(pair.B.shape[0] * pair.A[0].numel() for pair in layer.factors())
+        base = sum(pair.B.shape[0] * pair.A[0].numel() for pair in layer.factors(slot))
         kind = type(layer).__name__.removeprefix("Lora")
-        if hasattr(layer, "lora_slices"):
-            kind += f"[{layer.lora_slices.slices}]"
-        rows.append(LayerRow(path, kind, tuple(weight.shape), layer.rank, base, layer.lora_parameter_count()))
+        if "lora_slices" in slot._modules:
+            kind += f"[{slot.lora_slices.slices}]"
+        rows.append(LayerRow(path, kind, tuple(weight.shape), slot.rank, base, layer.lora_parameter_count(slot)))
     params = list(model.parameters())
     return LoraSummary(
         rows=rows,

@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .config import PRESETS, LoraConfig, expand_target
-from .layer import max_rank
+from .layer import LoraLayer, max_rank
 
 KINDS = ("linear", "qkv", "conv", "mha")
+# With several adapters, the model holds every adapter's classifier head here (see visionlora.lora.adapters).
+HEADS_ATTR = "lora_heads"
 
 
 @dataclass
@@ -60,9 +62,32 @@ def outermost(paths: list[str]) -> list[str]:
     return [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]
 
 
+def base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module by path as it was before LoRA: each wrapper as its base layer, LoRA's own modules left out."""
+    found: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+
+    def visit(module: nn.Module, path: str) -> None:
+        module = module.base_layer if isinstance(module, LoraLayer) else module
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        found[path] = module
+        for name, child in module._modules.items():
+            if child is not None and (path or name != HEADS_ATTR):
+                visit(child, f"{path}.{name}" if path else name)
+
+    visit(model, "")
+    return found
+
+
 def specs_from_config(model: nn.Module, config: LoraConfig) -> list[LayerSpec]:
-    """Resolve targets, presets, excludes and per-layer rank/alpha into specs, in module order."""
-    modules = dict(model.named_modules())
+    """Resolve targets, presets, excludes and per-layer rank/alpha into specs, in module order.
+
+    Targets are matched against the model as it was before LoRA (:func:`base_modules`), so a model that already
+    holds adapters gets the same specs as a fresh one.
+    """
+    modules = base_modules(model)
     protected = [p for p in [find_head_path(model), *find_trainable_paths(model, config.trainable)] if p]
     chosen: dict[str, tuple[str, str]] = {}  # path -> (kind, slices)
     for target in config.targets:
