@@ -20,11 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
-from visionlora.predict import PredictError, Predictor, collect_inputs, predict_folder
+from visionlora.predict import PredictError, Predictor, annotated_inputs, collect_inputs, predict_folder, task_options
 from visionlora.predict.inputs import BAD_POLICIES
-
-DEFAULT_TOP_K = 3
-DEFAULT_SCORE_THRESHOLD = 0.3
+from visionlora.predict.run import DEFAULT_SCORE_THRESHOLD, DEFAULT_TOP_K
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
         raise PredictError("no INPUT given: name image files, folders, patterns or list files after SOURCE")
     predictor = Predictor.from_source(source, args.base, args.adapter, args.pretrained_file, args.pretrained,
                                       args.device)
-    options = check_options(args, predictor)
+    options = task_options(predictor, args.top_k, args.score_threshold, args.annotations)
     records = None
     if args.annotations:
         inputs, records = annotated_inputs(args.annotations, items, args.on_bad)
@@ -77,37 +75,6 @@ def run(args: argparse.Namespace) -> dict:
         inputs = collect_inputs(items, args.on_bad, predictor.class_names)
     return predict_folder(predictor, inputs, out, batch_size=args.batch_size, records=records, force=args.force,
                           **options)
-
-
-def check_options(args: argparse.Namespace, predictor: Predictor) -> dict:
-    """The options of the source's task; those of the other task are an error naming them."""
-    if predictor.task == "detection":
-        if args.top_k is not None:
-            raise PredictError(f"--top-k is for classifiers; {predictor.description} is a detector")
-        threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
-        return {"score_threshold": threshold}
-    wrong = [flag for flag, value in (("--annotations", args.annotations), ("--score-threshold", args.score_threshold))
-             if value is not None]
-    if wrong:
-        raise PredictError(f"{', '.join(wrong)} are for detectors; {predictor.description} is a classifier")
-    top_k = min(DEFAULT_TOP_K, predictor.num_classes) if args.top_k is None else args.top_k
-    if not 1 <= top_k <= predictor.num_classes:
-        raise PredictError(f"--top-k must be in [1, {predictor.num_classes}] (the model's classes), got {top_k}")
-    return {"top_k": top_k}
-
-
-def annotated_inputs(annotations: str, items: list[str], on_bad: str):
-    """The images a COCO file lists, in its INPUT folder, with their records (boxes and image ids)."""
-    from visionlora.data.detection.coco import load_coco
-    from visionlora.predict import Inputs
-
-    if len(items) != 1 or not Path(items[0]).is_dir():
-        raise PredictError("with --annotations, INPUT is the one folder its file_name entries are relative to")
-    records = load_coco(annotations, items[0], on_bad="drop" if on_bad == "skip" else "error").records
-    inputs = collect_inputs([str(record.path) for record in records], on_bad)
-    readable = set(inputs.paths)
-    kept = [record for record in records if record.path in readable]
-    return Inputs([record.path for record in kept], inputs.bad), kept
 
 
 def describe(summary: dict, out: Path) -> str:

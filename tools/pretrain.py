@@ -6,9 +6,11 @@
 
 import sys
 
-from visionlora.cli import main
+from visionlora.cli import command_line
 
 if __name__ == "__main__":
     if not any(arg.startswith("--config") for arg in sys.argv[1:]):
-        sys.exit("usage: python tools/pretrain.py --config configs/pretrain/<name>.yaml [overrides]")
-    main()
+        print("error: --config is required: python tools/pretrain.py --config configs/pretrain/<name>.yaml "
+              "[overrides]", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(command_line())

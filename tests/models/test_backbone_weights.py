@@ -57,12 +57,13 @@ def test_a_local_dir_of_another_architecture_is_refused():
 def test_a_resized_head_is_said_in_one_line_and_the_backbone_loads_exactly(caplog):
     folder = WEIGHTS / "resnet_digits"
     with caplog.at_level(logging.INFO, logger="visionlora.models.backbone"):
-        model = create_backbone("test_resnet", 5, pretrained_file=f"local-dir:{folder}")
+        model = create_backbone("test_resnet", 7, pretrained_file=f"local-dir:{folder}")
+        create_backbone("test_resnet", 7, pretrained_file=f"local-dir:{folder}")  # said once, not per model
     said = [r.getMessage() for r in caplog.records if r.name == "visionlora.models.backbone"]
-    assert len(said) == 1 and "fc" in said[0] and "297" in said[0] and "5" in said[0]
+    assert len(said) == 1 and "fc" in said[0] and "297" in said[0] and "7-class" in said[0]
     reference = timm.create_model(f"local-dir:{folder}", pretrained=True)
     assert torch.equal(model.conv1[0].weight, reference.conv1[0].weight)
-    assert model.fc.out_features == 5
+    assert model.fc.out_features == 7
 
 
 def test_a_whole_timm_file_of_the_same_classes_loads_silently(tmp_path, caplog):

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from visionlora.data import FewShotDataset, eval_transform_from, train_transform_from
 from visionlora.data.common import seed_transform
+from visionlora.models import families
 from visionlora.tasks import LoraClassifier
 from visionlora.tasks.optim import adamw_warmup_cosine
 
@@ -133,10 +134,14 @@ def random_init_architecture(backbone: Backbone) -> tuple[str, dict | None]:
 
 
 def has_attention(backbone: Backbone) -> bool:
-    """Whether the backbone has fused-qkv attention blocks (decides what LoRA's "all layers" means); cached."""
+    """Whether the backbone has attention blocks (decides what LoRA's "all layers" means); cached.
+
+    The family rule training uses for default targets (``visionlora.models.families``), on a weightless model.
+    """
     if backbone.has_attention is None:
-        probe = timm.create_model(backbone.name, pretrained=False, num_classes=2, **(backbone.model_args or {}))
-        backbone.has_attention = any(name.endswith("attn.qkv") for name, _ in probe.named_modules())
+        with torch.device("meta"):
+            probe = timm.create_model(backbone.name, pretrained=False, num_classes=2, **(backbone.model_args or {}))
+        backbone.has_attention = families.has_attention(probe)
     return backbone.has_attention
 
 

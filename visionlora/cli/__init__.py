@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
@@ -20,26 +21,63 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from .base import RUN_OPTIONS, VisionLoraCLI
 
 TASKS = ("classification", "detection")
+# What a bad config raises while it is parsed and built: values out of range, missing files and data roots.
+SETUP_ERRORS = (ValueError, OSError)
 # Flags that print and exit: the task's own parser must see them as they were typed.
 INFORMATIONAL = ("-h", "--help", "--print_config")
 SECTIONS = ("trainer", "model", "data", "optimizer", "lr_scheduler")
 
-__all__ = ["TASKS", "VisionLoraCLI", "inline_configs", "main", "task_of"]
+__all__ = ["TASKS", "VisionLoraCLI", "command_line", "inline_configs", "main", "task_of"]
 
 
 def main(args: list[str] | None = None) -> dict:
     """Parse the arguments (``sys.argv[1:]`` when None), then fit, test and write the run directory of the task.
 
-    Returns the results row the run printed.
+    Returns the results row the run printed. A bad config raises (ValueError, FileNotFoundError, ...) before
+    anything trains; :func:`command_line` turns that into one line.
     """
+    task, cli = build(args)
+    return task.run(cli)
+
+
+def command_line(args: list[str] | None = None) -> int:
+    """:func:`main` for ``tools/train.py`` and ``tools/pretrain.py``; returns the exit code.
+
+    An error while parsing the configs and building the model, data and trainer (a value out of range, a missing
+    file or data root) is printed as one line ``error: ...`` and gives exit code 2, with nothing written; an error
+    once fitting has started keeps its traceback.
+    """
+    try:
+        task, cli = build(args)
+    except SETUP_ERRORS as error:
+        print(f"error: {setup_message(error)}", file=sys.stderr)
+        return 2
+    task.run(cli)
+    return 0
+
+
+def build(args: list[str] | None = None) -> tuple[ModuleType, VisionLoraCLI]:
+    """The task module (:mod:`.classification` or :mod:`.detection`) and its CLI, built and ready to run."""
     argv = inline_configs(list(sys.argv[1:] if args is None else args))
     # The inlined argv is handed on on purpose; LightningCLI would warn (printing every config's text) about it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
     if task_of_inlined(argv) == "detection":
-        from .detection import main as run_task  # torchvision's detectors load only when asked for
+        from . import detection as task  # torchvision's detectors load only when asked for
     else:
-        from .classification import main as run_task
-    return run_task(argv)
+        from . import classification as task
+    return task, task.build(argv)
+
+
+def setup_message(error: BaseException) -> str:
+    """One line for a setup error: the innermost cause's message (jsonargparse wraps what a class raised).
+
+    ``LoraConfig.r must be a positive integer, got 0`` rather than jsonargparse's "Does not validate against any
+    of the Union subtypes" and the whole namespace.
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
 
 
 def inline_configs(args: list[str]) -> list[str]:

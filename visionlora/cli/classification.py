@@ -20,6 +20,7 @@ from visionlora.tasks import LoraClassifier
 from .base import (
     VisionLoraCLI,
     build_cli,
+    discard_run_dir,
     finish_run,
     fit_and_test,
     parameter_share,
@@ -33,8 +34,27 @@ MAX_CONFUSION_CLASSES = 50
 
 def main(args: list[str] | dict | None = None) -> dict:
     """Parse, fit, test and write the run directory of a classification config; returns the results row."""
+    return run(build(args))
+
+
+def build(args: list[str] | dict | None) -> VisionLoraCLI:
+    """Parse and build the model, data and trainer: a bad config raises here, before anything trains.
+
+    The data's setup (reading the image lists, drawing the shots) runs here too, so that more shots than a class
+    has is such an error; Lightning's own call in ``fit`` then finds it done.
+    """
     cli = build_cli(VisionLoraCLI, LoraClassifier, FewShotDataModule, args)
-    cli.datamodule.set_data_config(timm.data.resolve_model_data_config(cli.model.model))
+    try:
+        cli.datamodule.set_data_config(timm.data.resolve_model_data_config(cli.model.model))
+        cli.datamodule.setup("fit")
+    except BaseException:
+        discard_run_dir(cli)
+        raise
+    return cli
+
+
+def run(cli: VisionLoraCLI) -> dict:
+    """Fit, test and write the run directory of a built CLI; returns the results row."""
     return write_run_outputs(cli, *fit_and_test(cli))
 
 

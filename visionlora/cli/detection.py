@@ -39,7 +39,16 @@ class DetectionCLI(VisionLoraCLI):
 
 def main(args: list[str] | dict | None = None) -> dict:
     """Parse, fit, test and write the run directory of a detection config; returns the results row."""
-    cli = build_cli(DetectionCLI, LoraDetector, CocoDetectionDataModule, args)
+    return run(build(args))
+
+
+def build(args: list[str] | dict | None) -> DetectionCLI:
+    """Parse and build the detector, data and trainer: a bad config raises here, before anything trains."""
+    return build_cli(DetectionCLI, LoraDetector, CocoDetectionDataModule, args)
+
+
+def run(cli: DetectionCLI) -> dict:
+    """Fit, test and write the run directory of a built CLI; returns the results row."""
     return write_detection_outputs(cli, *fit_and_test(cli))
 
 

@@ -23,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
-from torch.utils.data import get_worker_info
+from torch.utils.data import DataLoader, get_worker_info
 
 # PIL modes of 16-bit (and 32-bit integer) grey images, whose convert("RGB") clips every value above 255 to white.
 _WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -126,3 +127,12 @@ def seed_worker(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None)
     if transform is not None and hasattr(transform, "set_random_state"):
         seed_transform(transform, info.seed % 2**32)
+
+
+def make_loader(dataset, batch_size: int, num_workers: int, shuffle: bool = False, generator=None, sampler=None,
+                collate_fn=None) -> DataLoader:
+    """The DataLoader of both data modules: seeded worker augmentation (:func:`seed_worker`), workers kept
+    between epochs when there are any, pinned memory when CUDA is there; the last batch may be smaller."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+                      collate_fn=collate_fn, drop_last=False, num_workers=num_workers, worker_init_fn=seed_worker,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())

@@ -22,6 +22,7 @@ LOCAL_DIR = "local-dir:"
 # What timm's local-dir folders may hold as weights, in the order timm looks for them.
 LOCAL_DIR_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _SHOWN_KEYS = 3
+_HEADS_SAID: set[tuple[str, int]] = set()
 
 
 def create_backbone(name: str, num_classes: int, pretrained: bool = False, pretrained_file: str | None = None,
@@ -117,8 +118,9 @@ def check_weights_fit(model: nn.Module, state: dict[str, torch.Tensor], file: Pa
         raise ValueError(f"pretrained_file {file} does not fit architecture {name!r}: {'; '.join(problems)}")
     head_keys = [k for k in own if is_head(k) and k.endswith("weight")]
     changed = [k for k in head_keys if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
-    if changed:
+    if changed and (str(file), own[changed[0]].shape[0]) not in _HEADS_SAID:
         key = changed[0]
+        _HEADS_SAID.add((str(file), own[key].shape[0]))  # once per file and head size, not once per model built
         had = f"{state[key].shape[0]} classes" if key in state else "no head"
         logger.info("pretrained_file %s: head %r not loaded (the file has %s; a new %d-class head is initialised)",
                     file, key.rpartition(".")[0], had, own[key].shape[0])

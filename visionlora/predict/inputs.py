@@ -92,3 +92,17 @@ def _folder_labels(items: list[str], paths: list[Path], label_names: list[str] |
     if any(len(p) < 2 for p in parts) or not {p[0] for p in parts} <= set(label_names):
         return None
     return [p[0] for p in parts]
+
+
+def annotated_inputs(annotations: str, items: list[str], on_bad: str = "skip") -> tuple[Inputs, list]:
+    """The images a COCO file lists, in the one INPUT folder its ``file_name`` entries are relative to, with their
+    records (boxes, labels and image ids) in the same order; unreadable images are left out of both."""
+    from visionlora.data.detection.coco import load_coco
+
+    if len(items) != 1 or not Path(items[0]).is_dir():
+        raise ValueError("with --annotations, INPUT is the one folder its file_name entries are relative to")
+    records = load_coco(annotations, items[0], on_bad="drop" if on_bad == "skip" else "error").records
+    inputs = collect_inputs([str(record.path) for record in records], on_bad)
+    readable = set(inputs.paths)
+    kept = [record for record in records if record.path in readable]
+    return Inputs([record.path for record in kept], inputs.bad), kept

@@ -28,6 +28,26 @@ from .outputs import (
     write_detections,
 )
 
+DEFAULT_TOP_K = 3
+DEFAULT_SCORE_THRESHOLD = 0.3
+
+
+def task_options(predictor: Predictor, top_k: int | None, score_threshold: float | None,
+                 annotations: str | None) -> dict:
+    """The options of the source's task, with their defaults; one of the other task is an error naming it."""
+    if predictor.task == "detection":
+        if top_k is not None:
+            raise PredictError(f"--top-k is for classifiers; {predictor.description} is a detector")
+        return {"score_threshold": DEFAULT_SCORE_THRESHOLD if score_threshold is None else score_threshold}
+    wrong = [flag for flag, value in (("--annotations", annotations), ("--score-threshold", score_threshold))
+             if value is not None]
+    if wrong:
+        raise PredictError(f"{', '.join(wrong)} are for detectors; {predictor.description} is a classifier")
+    top_k = min(DEFAULT_TOP_K, predictor.num_classes) if top_k is None else top_k
+    if not 1 <= top_k <= predictor.num_classes:
+        raise PredictError(f"--top-k must be in [1, {predictor.num_classes}] (the model's classes), got {top_k}")
+    return {"top_k": top_k}
+
 
 def predict_folder(predictor: Predictor, inputs: Inputs, out: Path, *, batch_size: int = 32, top_k: int = 1,
                    score_threshold: float = 0.3, records: list | None = None, force: bool = False) -> dict:

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from visionlora.lora import LoraConfig, inject_lora, lora_state
 from visionlora.lora.targets import find_head_path
 from visionlora.models import create_backbone
+from visionlora.models.families import default_lora_targets
 from visionlora.tasks.prototypes import add_class_sums, pooled_features
 
 from .checkpoints import record_working_directory
@@ -39,7 +40,7 @@ class LoraClassifier(L.LightningModule):
             config.json + model.safetensors (e.g. the bundled ``data/weights/vit_digits``).
         model_args: Extra ``timm.create_model`` arguments (``img_size``, ``drop_path_rate``, ...).
         method: ``lora`` (LoRA + head), ``full`` (every weight) or ``linear`` (head only).
-        lora: LoRA settings (used when ``method="lora"``).
+        lora: LoRA settings (used when ``method="lora"``); default: ``attn`` for attention backbones, else ``conv``.
         lr: Learning rate of the LoRA parameters.
         head_lr: Learning rate of the head and other fully trained modules (default: ``lr``).
         backbone_lr: Learning rate of the backbone weights with ``method="full"`` (default: ``lr``).
@@ -74,11 +75,11 @@ class LoraClassifier(L.LightningModule):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
-        lora = lora or LoraConfig()
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["lora"])
-        self.hparams["lora"] = asdict(lora)
         self.model = create_backbone(backbone, num_classes, pretrained, pretrained_file, model_args)
+        lora = lora or LoraConfig(targets=default_lora_targets(self.model))  # attn for attention, else conv
+        self.hparams["lora"] = asdict(lora)
         self.model_args = dict(model_args or {})
         self._freeze_for(method, lora)
         if grad_checkpointing:

@@ -20,6 +20,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from visionlora.lora import LoraConfig, inject_lora
 from visionlora.models.detection import class_predictor_paths, create_detector, detector_config, resolve_backbone
 from visionlora.models.detector_folder import load_base_detector, read_detector_config
+from visionlora.models.families import default_lora_targets as family_lora_targets
 
 from .checkpoints import record_working_directory
 from .optim import adamw_groups, lightning_optimizers, lora_factor_group
@@ -197,9 +198,8 @@ def detector_from_hparams(hparams: dict) -> nn.Module:
 
 # ----- training methods: how much of the detector trains ------------------------------------------------------
 def default_lora_targets(detector: nn.Module) -> list[str]:
-    """``attn`` for backbones with attention blocks, else ``conv`` (every Conv2d of the backbone)."""
-    has_attention = any(re.fullmatch(r"(.*\.)?attn", path) for path, _ in detector.backbone.body.named_modules())
-    return ["attn"] if has_attention else ["conv"]
+    """``attn`` for backbones with attention blocks, else ``conv`` (see :mod:`visionlora.models.families`)."""
+    return family_lora_targets(detector.backbone.body)
 
 
 def apply_detector_lora(detector: nn.Module, lora: LoraConfig, adapt: str = "backbone") -> nn.Module:

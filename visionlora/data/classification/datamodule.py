@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from ..common import seed_transform, seed_worker
+from ..common import make_loader, seed_transform
 from ..sources import ClassificationPools, ClassificationSource, LabelledImages, SourceOptions, classification_source
 from .dataset import FewShotDataset
 from .imagefolder import BAD_IMAGE_POLICIES
@@ -344,18 +344,7 @@ class FewShotDataModule(L.LightningDataModule):
             # A DistributedSampler of its own, so Lightning keeps it instead of putting its padding one in.
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
                                                    shuffle=False)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            generator=generator,
-            drop_last=False,
-            num_workers=self.num_workers,
-            worker_init_fn=seed_worker,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return make_loader(dataset, batch_size, self.num_workers, shuffle=shuffle, generator=generator, sampler=sampler)
 
 
 def resolve_preprocessing(given: dict, source: Mapping, backbone: dict) -> dict:

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..common import seed_transform, seed_worker
+from ..common import make_loader, seed_transform
 from ..sources import DetectionSource, detection_source
 from ..sources.synthetic_scenes import ensure_synthetic_scenes
 from .coco import BAD_POLICIES, CocoSplit, DetectionRecord, check_image_files, load_coco
@@ -262,17 +262,8 @@ class CocoDetectionDataModule(L.LightningDataModule):
         return self._parts
 
     def _loader(self, part: str, transform, batch_size: int, shuffle: bool = False, generator=None) -> DataLoader:
-        return DataLoader(
-            DetectionDataset(self._require_setup()[part], transform),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=collate_detection,
-            num_workers=self.num_workers,
-            worker_init_fn=seed_worker,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return make_loader(DetectionDataset(self._require_setup()[part], transform), batch_size, self.num_workers,
+                           shuffle=shuffle, generator=generator, collate_fn=collate_detection)
 
 
 def _has_boxes(records: list[DetectionRecord]) -> bool:
