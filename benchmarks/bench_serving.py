@@ -1,0 +1,195 @@
+"""Serving N classifier tasks: one backbone with N adapters against N merged models (memory and throughput).
+
+For each model (random weights, ``pretrained=False``, 224 px) and N tasks (LoRA rank 8 with random factors,
+``init='small-random'``, timm's default targets: attention for ViTs, every conv for ConvNets; a 10-class head each):
+
+* memory: bytes of the parameters and buffers (each storage once) of one backbone with N adapters and heads,
+  against N merged models (N x one plain model: a merged model has exactly the plain model's tensors). Parameter
+  bytes, not RSS: RSS on a shared machine also counts the interpreter, torch and allocator slack.
+* throughput (images/s) of one stream of requests whose tasks are drawn at random, taken in arrivals of
+  ``--batch-size``: ``mixed`` runs each arrival as one mixed-task batch (``adapter_batch``); ``switch`` groups it by
+  task and runs each group after ``set_adapter``; ``merged/task`` runs each group on that task's own model (N copies
+  of the plain model, which cost what merged models cost); ``merged x1`` is the reference: one merged model on
+  full batches of one task. The median over ``--batches`` timed arrivals (after one warm-up; the variants take
+  turns on each arrival) gives images/s.
+
+Targets (ratios of medians of one run): memory of 16 tasks <= 1.25 x one model; mixed throughput at the batch size
+>= 0.8 x one merged model's. Conv LoRA runs in the activation form (``--form``): in the weight form a mixed batch
+runs every adapted conv once per task group. Prints a table and writes ``benchmarks/results/serving.json``.
+
+    python benchmarks/bench_serving.py
+    python benchmarks/bench_serving.py --models resnet50 --tasks 1 16 --batches 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_MEMORY, TARGET_THROUGHPUT = 1.25, 0.8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "resnet50"])
+    parser.add_argument("--tasks", nargs="+", type=int, default=[1, 4, 16], help="numbers of tasks N")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=3, help="timed arrivals per variant (after one warm-up)")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--form", default="activation", choices=["auto", "activation", "weight"],
+                        help="how LoRA layers apply their update (LoraConfig.form)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
+    return parser.parse_args(argv)
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of every parameter and buffer, each storage counted once."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def multi_task_model(base, count: int, args):
+    from visionlora.lora import LoraConfig, add_adapter
+    from visionlora.models.families import default_lora_targets
+
+    model = copy.deepcopy(base)
+    config = LoraConfig(r=args.rank, alpha=args.rank, targets=default_lora_targets(base), init="small-random",
+                        form=args.form)
+    for index in range(count):
+        add_adapter(model, f"t{index}", config, num_classes=args.classes)
+    return model.eval()
+
+
+def arrivals(count: int, args, seed: int = 0) -> list[list[str]]:
+    rng = random.Random(seed)
+    return [[f"t{rng.randrange(count)}" for _ in range(args.batch_size)] for _ in range(args.batches + 1)]
+
+
+def groups(names: list[str]) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {}
+    for position, name in enumerate(names):
+        found.setdefault(name, []).append(position)
+    return found
+
+
+def images_per_second(variants: dict, stream: list[list[str]], x) -> dict[str, float]:
+    """Per variant, the median over the timed arrivals (the first is a warm-up) of batch size / seconds; the
+    variants take turns on each arrival, in rotating order, so drift of a shared machine hits them alike."""
+    import torch
+
+    seconds = {key: [] for key in variants}
+    keys = list(variants)
+    with torch.no_grad():
+        for index, names in enumerate(stream):
+            for key in keys[index % len(keys):] + keys[: index % len(keys)]:
+                started = time.perf_counter()
+                variants[key](names, x)
+                if index:
+                    seconds[key].append(time.perf_counter() - started)
+    return {key: len(stream[0]) / statistics.median(times) for key, times in seconds.items()}
+
+
+def measure(name: str, count: int, args) -> dict:
+    import timm
+    import torch
+
+    from visionlora.lora import adapter_batch, set_adapter
+
+    torch.manual_seed(0)
+    base = timm.create_model(name, pretrained=False, num_classes=args.classes).eval()
+    model = multi_task_model(base, count, args)
+    merged = [copy.deepcopy(base) for _ in range(count)]
+    x = torch.randn(args.batch_size, 3, 224, 224)
+    stream = arrivals(count, args)
+
+    def mixed(names, x):
+        with adapter_batch(model, names):
+            model(x)
+
+    def switch(names, x):
+        for task, rows in groups(names).items():
+            set_adapter(model, task)
+            model(x[rows])
+
+    def per_task(names, x):
+        for task, rows in groups(names).items():
+            merged[int(task[1:])](x[rows])
+
+    one = tensor_bytes(base)
+    row = {"model": name, "tasks": count, "batch_size": args.batch_size,
+           "one_model_MB": one / 2**20, "adapters_MB": tensor_bytes(model) / 2**20, "merged_MB": count * one / 2**20}
+    variants = {"reference_ips": lambda names, x: base(x), "mixed_ips": mixed, "switch_ips": switch,
+                "merged_per_task_ips": per_task}
+    row |= images_per_second(variants, stream, x)
+    row["memory_ratio"] = row["adapters_MB"] / row["one_model_MB"]
+    row["mixed_vs_merged"] = row["mixed_ips"] / row["reference_ips"]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    header = ("model", "N", "1 model MB", "N adapters MB", "N merged MB", "mem ratio", "merged x1 img/s",
+              "mixed img/s", "switch img/s", "merged/task img/s", "mixed/merged")
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in rows:
+        lines.append(" | ".join([r["model"], str(r["tasks"]), f"{r['one_model_MB']:.1f}", f"{r['adapters_MB']:.1f}",
+                                 f"{r['merged_MB']:.1f}", f"{r['memory_ratio']:.3f}", f"{r['reference_ips']:.1f}",
+                                 f"{r['mixed_ips']:.1f}", f"{r['switch_ips']:.1f}", f"{r['merged_per_task_ips']:.1f}",
+                                 f"{r['mixed_vs_merged']:.2f}"]))
+    return "\n".join(f"| {line} |" for line in lines)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    found = []
+    for r in rows:
+        if r["tasks"] == max(row["tasks"] for row in rows if row["model"] == r["model"]):
+            ok = r["memory_ratio"] <= TARGET_MEMORY
+            found.append(f"{'PASS' if ok else 'FAIL'} {r['model']} memory of {r['tasks']} tasks "
+                         f"{r['memory_ratio']:.3f} x one model (target <= {TARGET_MEMORY})")
+        ok = r["mixed_vs_merged"] >= TARGET_THROUGHPUT
+        found.append(f"{'PASS' if ok else 'FAIL'} {r['model']} N={r['tasks']} mixed throughput "
+                     f"{r['mixed_vs_merged']:.2f} x one merged model (target >= {TARGET_THROUGHPUT})")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        for count in args.tasks:
+            rows.append(measure(name, count, args))
+            print(f"{name} N={count}: done", flush=True)
+    print(table(rows))
+    checks = verdicts(rows)
+    print("\n".join(checks))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result = {"settings": vars(args) | {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                                        "load_average_1min": load, "platform": platform.platform(),
+                                        "torch": torch.__version__},
+              "rows": rows, "checks": checks}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
