@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -92,7 +93,11 @@ def predict_body(task: str, image: bytes | str, **extra) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory) -> str:
-    """tools/serve.py in a subprocess on a free port of 127.0.0.1; stopped (terminate, then kill) afterwards."""
+    """tools/serve.py in a subprocess on a free port of 127.0.0.1; stopped afterwards, with every process it started.
+
+    LitServe runs inference in worker processes of its own; terminating only the main process left them running.
+    The server gets a session (process group) of its own, and the whole group is stopped and checked gone.
+    """
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, str(ROOT / "tools" / "serve.py"), *[f"--task={t}={runs[t]}" for t in TASKS],
@@ -102,7 +107,8 @@ def server(runs, tmp_path_factory) -> str:
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     try:
         deadline = time.monotonic() + START_SECONDS
         while True:
@@ -116,12 +122,31 @@ def server(runs, tmp_path_factory) -> str:
             time.sleep(0.5)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM to the server's whole process group, SIGKILL after ``timeout``; fails if any of it is left."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while group_alive(process.pid):
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError("processes of the server's group were still running after it stopped")
+        time.sleep(0.2)
+
+
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def expected_answers(runs, images, top_k: int = 3) -> dict[Path, tuple[str, list]]:
