@@ -80,7 +80,7 @@ def source_from_path(path: str | Path, num_classes: int | None = None, sample_si
     module = _classifier_from_hparams(hparams, checkpoint)
     _load_trained_tensors(module, saved["state_dict"], checkpoint)
     model = module.model.eval()
-    names, images, data_config = _run_data(saved.get("datamodule_hyper_parameters"), model, sample_size)
+    names, images, data_config = classifier_run_data(saved.get("datamodule_hyper_parameters"), model, sample_size)
     return ExportSource(model, _architecture(model, hparams["backbone"]), dict(hparams.get("model_args") or {}),
                         data_config, names,
                         images, description=str(checkpoint))
@@ -198,7 +198,7 @@ def _load_trained_tensors(module: nn.Module, state_dict: dict, checkpoint: Path)
     module.load_state_dict(state_dict, strict=False)
 
 
-def _run_data(datamodule_hparams: dict | None, model: nn.Module, sample_size: int):
+def classifier_run_data(datamodule_hparams: dict | None, model: nn.Module, sample_size: int):
     """Label names, real test images and the preprocessing of the run's data module, when it can be rebuilt."""
     data_config = _preprocessing(timm.data.resolve_model_data_config(model))
     if not datamodule_hparams:

@@ -268,7 +268,7 @@ def _task_metadata(model: nn.Module, spec: TaskSpec) -> tuple[list[str], dict]:
     base's own data configuration.
     """
     from visionlora.export.sources import PREPROCESSING_KEYS
-    from visionlora.export.sources import _run_data as run_data
+    from visionlora.export.sources import classifier_run_data as run_data
     from visionlora.lora import adapter_info
 
     names, config = None, None
