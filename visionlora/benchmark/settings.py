@@ -9,11 +9,11 @@ other settings is refused, naming each differing setting with its old and new va
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
-from visionlora.models.backbone import LOCAL_DIR, local_dir_weights
+from visionlora.files import file_sha256
+from visionlora.models.backbone import pretrained_weights_file
 
 from .cells import Backbone
 from .methods import MethodSpec
@@ -56,15 +56,7 @@ def method_settings(sweep: dict[str, str], spec: MethodSpec) -> dict[str, str]:
 
 def weights_sha256(backbone: Backbone) -> str:
     """sha256 of ``backbone.pretrained_file`` (for a ``local-dir:`` folder, of its weights file)."""
-    path = Path(backbone.pretrained_file.removeprefix(LOCAL_DIR))
-    if not path.exists():
-        raise FileNotFoundError(f"pretrained_file not found: {path}")
-    weights = local_dir_weights(path, backbone.name) if path.is_dir() else path
-    digest = hashlib.sha256()
-    with weights.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(pretrained_weights_file(backbone.pretrained_file, backbone.name))
 
 
 def check_same_settings(rows: list[dict], sweep: dict[str, str], methods: dict[str, dict[str, str]],

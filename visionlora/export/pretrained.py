@@ -7,7 +7,6 @@ initialised backbone proves nothing. They are trained on data disjoint from the 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import timm
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from visionlora.data import timm_data_config
-from visionlora.files import staged_folder
+from visionlora.files import file_sha256, staged_folder
 from visionlora.models import save_backbone
 
 from .detection import DetectorExportReport, DetectorSource, export_merged_detector
@@ -41,7 +40,7 @@ def export_pretrained_backbone(model: nn.Module, folder: str | Path, *, architec
     folder = Path(folder)
     with staged_folder(folder, replace=True) as staging:
         save_backbone(model, staging, data_config=data_config, label_names=class_names)
-        digest = sha256_of(staging / "model.safetensors")
+        digest = file_sha256(staging / "model.safetensors")
         card = MODEL_CARD.format(
             name=folder.name, architecture=architecture, model_args=model_args, command=command, seed=seed,
             classes=summarise_classes(class_names), dataset=dataset, accuracy=100 * test_accuracy,
@@ -77,23 +76,19 @@ def export_pretrained_detector(detector: nn.Module, folder: str | Path, *, confi
         save_backbone(plain, staging, data_config=data_config, model_args=config.get("model_args") or None)
         base = staging / BASE_DETECTOR_DIR
         report = export_base_detector(detector, config, class_names, image_size, sample_images, base)
-        digest = sha256_of(staging / "model.safetensors")
+        digest = file_sha256(staging / "model.safetensors")
         card = DETECTION_MODEL_CARD.format(
             name=folder.name, architecture=config["backbone"], model_args=config.get("model_args") or {},
             detector=config["detector"], command=command, seed=seed, classes=summarise_classes(class_names),
             dataset=dataset, train_images=train_images, map=test_map, map_50=test_map_50,
             params=sum(p.numel() for p in plain.parameters()), epochs=epochs, seconds=fit_seconds, size=image_size,
             mean=data_config["mean"], std=data_config["std"], sha256=digest,
-            detector_sha256=sha256_of(base / "model.safetensors"),
+            detector_sha256=file_sha256(base / "model.safetensors"),
         )  # fmt: skip
         (staging / "MODEL_CARD.md").write_text(card)
     print(f"exported the base detector to {folder / BASE_DETECTOR_DIR} (relative difference "
           f"{report.max_rel_diff:.2g})\nexported backbone to {folder} (sha256 {digest[:16]}...)")
     return folder
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_base_detector(detector: nn.Module, config: dict, class_names: list[str], image_size: int,

@@ -65,6 +65,14 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, pretr
     return model
 
 
+def pretrained_weights_file(pretrained_file: str, name: str) -> Path:
+    """The weights file a ``pretrained_file`` names: the file itself, or a ``local-dir:`` folder's (checked)."""
+    path = Path(pretrained_file.removeprefix(LOCAL_DIR))
+    if not path.exists():
+        raise FileNotFoundError(f"pretrained_file not found: {path}")
+    return local_dir_weights(path, name) if path.is_dir() else path
+
+
 def local_dir_weights(folder: Path, name: str) -> Path:
     """The weights file of a timm local-dir folder, after checking that its config names architecture ``name``."""
     config_file = folder / "config.json"

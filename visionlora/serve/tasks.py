@@ -12,7 +12,6 @@ base once and loads every adapter into it under its task's name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import cache
@@ -24,11 +23,12 @@ from torch import nn
 
 from visionlora.export import ExportError
 from visionlora.export.sources import CHECKPOINT_DIR, find_checkpoint, read_checkpoint
+from visionlora.files import file_sha256
 from visionlora.lora import load_adapter
 from visionlora.lora.adapter_files import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from visionlora.lora.adapters import check_adapter_name
 from visionlora.models import create_backbone
-from visionlora.models.backbone import LOCAL_DIR, local_dir_weights
+from visionlora.models.backbone import LOCAL_DIR, pretrained_weights_file
 
 ADAPTER_DIR = "adapter"  # where a run directory keeps its adapter
 
@@ -56,7 +56,7 @@ class BaseSpec:
     def identity(self) -> tuple[str, str, str]:
         """What two tasks must share: architecture, model_args and a fingerprint of the weights."""
         if self.weights:
-            fingerprint = f"sha256:{weights_sha256(weights_file(self.weights, self.architecture))}"
+            fingerprint = f"sha256:{weights_sha256(pretrained_weights_file(self.weights, self.architecture))}"
         else:
             fingerprint = "hub" if self.pretrained else "none"
         return self.architecture, json.dumps(self.model_args, sort_keys=True), fingerprint
@@ -184,19 +184,10 @@ def build_tasks(specs: list[TaskSpec], device: str | torch.device = "cpu") -> tu
     return model.to(device).eval(), served
 
 
-def weights_file(weights: str, architecture: str) -> Path:
-    """The file of a weights file or ``local-dir:`` folder."""
-    path = Path(weights.removeprefix(LOCAL_DIR))
-    return local_dir_weights(path, architecture) if path.is_dir() else path
-
-
 @cache
 def weights_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """:func:`visionlora.files.file_sha256`, once per file (every task of one base names the same weights)."""
+    return file_sha256(path)
 
 
 def _from_run(name: str, run_dir: Path) -> TaskSpec:
