@@ -25,7 +25,7 @@ from visionlora.export import ExportError
 from visionlora.export.sources import CHECKPOINT_DIR, find_checkpoint, read_checkpoint
 from visionlora.files import file_sha256
 from visionlora.lora import load_adapter
-from visionlora.lora.adapter_files import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from visionlora.lora.adapter_files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_config
 from visionlora.lora.adapters import check_adapter_name
 from visionlora.models import create_backbone
 from visionlora.models.backbone import LOCAL_DIR, pretrained_weights_file
@@ -274,9 +274,9 @@ def _task_metadata(model: nn.Module, spec: TaskSpec) -> tuple[list[str], dict]:
 
 def _read_json(path: Path, name: str) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ServeError(f"task {name!r}: cannot read {path} ({error})") from None
+        return read_adapter_config(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ServeError(f"task {name!r}: {error}") from None
 
 
 def _own_metadata(path: Path, name: str) -> dict | None:
