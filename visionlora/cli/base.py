@@ -28,7 +28,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from visionlora.files import atomic_write, write_json_atomic
-from visionlora.models.detection import resolve_backbone
+from visionlora.models.backbone import resolve_backbone
 from visionlora.models.families import architecture_lora_targets
 from visionlora.reporting import format_table, plot_training_curves
 

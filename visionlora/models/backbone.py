@@ -65,6 +65,21 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, pretr
     return model
 
 
+def resolve_backbone(backbone: str, pretrained_file: str | None, model_args: dict | None) -> tuple[str, dict]:
+    """The architecture and ``model_args`` that rebuild the backbone without its weights.
+
+    A ``local-dir:`` folder's config.json names the architecture and its constructor arguments (a small ViT's depth,
+    width, patch size); without them a fresh model would have another shape. Explicit ``model_args`` win.
+    """
+    folder = Path(pretrained_file.removeprefix(LOCAL_DIR)) if pretrained_file else None
+    if folder is None or not (folder / "config.json").is_file():
+        return backbone, dict(model_args or {})
+    config = json.loads((folder / "config.json").read_text())
+    # The classifier size is not part of a features model (and create_backbone passes its own).
+    stored = {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"}
+    return config.get("architecture", backbone), stored | dict(model_args or {})
+
+
 def pretrained_weights_file(pretrained_file: str, name: str) -> Path:
     """The weights file a ``pretrained_file`` names: the file itself, or a ``local-dir:`` folder's (checked)."""
     path = Path(pretrained_file.removeprefix(LOCAL_DIR))

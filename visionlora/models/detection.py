@@ -11,7 +11,6 @@ only), ``backbone.fpn``, then the detector's own ``head`` (FCOS, RetinaNet) or `
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -211,21 +210,6 @@ def create_features(backbone: str, pretrained: bool, pretrained_file: str | None
     # Detection batches of a few images cannot estimate BatchNorm statistics; like torchvision's and detectron2's
     # detection backbones, keep the pretrained ones (and the affine) fixed for every training method.
     return freeze_batch_norm_2d(body) if freeze_bn else body
-
-
-def resolve_backbone(backbone: str, pretrained_file: str | None, model_args: dict | None) -> tuple[str, dict]:
-    """The architecture and ``model_args`` that rebuild the backbone without its weights.
-
-    A ``local-dir:`` folder's config.json names the architecture and its constructor arguments (a small ViT's depth,
-    width, patch size); without them a fresh model would have another shape. Explicit ``model_args`` win.
-    """
-    folder = Path(pretrained_file.removeprefix(LOCAL_DIR)) if pretrained_file else None
-    if folder is None or not (folder / "config.json").is_file():
-        return backbone, dict(model_args or {})
-    config = json.loads((folder / "config.json").read_text())
-    # The classifier size is not part of a features model (and create_backbone passes its own).
-    stored = {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"}
-    return config.get("architecture", backbone), stored | dict(model_args or {})
 
 
 def is_plain(body: nn.Module) -> bool:

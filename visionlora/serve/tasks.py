@@ -28,7 +28,7 @@ from visionlora.lora import load_adapter
 from visionlora.lora.adapter_files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_config
 from visionlora.lora.adapters import check_adapter_name
 from visionlora.models import create_backbone
-from visionlora.models.backbone import LOCAL_DIR, pretrained_weights_file
+from visionlora.models.backbone import LOCAL_DIR, pretrained_weights_file, resolve_backbone
 
 ADAPTER_DIR = "adapter"  # where a run directory keeps its adapter
 
@@ -217,7 +217,7 @@ def _from_adapter_folder(name: str, folder: Path, base_weights: str | None) -> T
     if base_weights is None and isinstance(saved_base, str) and saved_base.startswith(LOCAL_DIR):
         base_weights = saved_base
     if base_weights is not None:
-        architecture = _local_dir_architecture(base_weights) or saved_base
+        architecture = resolve_backbone(saved_base, base_weights, None)[0]
         spec = _base_spec(name, architecture, {}, False, base_weights)
     elif saved_base:
         spec = BaseSpec(saved_base, pretrained=True)  # the adapter names a hub model: its default weights
@@ -240,15 +240,8 @@ def _base_spec(name: str, architecture: str, model_args: dict, pretrained: bool,
     path = Path(weights.removeprefix(LOCAL_DIR)).resolve()
     if not path.exists():
         raise ServeError(f"task {name!r}: base weights {path} do not exist")
-    architecture = _local_dir_architecture(f"{prefix}{path}") or architecture
+    architecture = resolve_backbone(architecture, f"{prefix}{path}", None)[0]
     return BaseSpec(architecture, model_args, weights=f"{prefix}{path}")
-
-
-def _local_dir_architecture(weights: str) -> str | None:
-    path = Path(weights.removeprefix(LOCAL_DIR))
-    if path.is_dir() and (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text()).get("architecture")
-    return None
 
 
 def _task_metadata(model: nn.Module, spec: TaskSpec) -> tuple[list[str], dict]:

@@ -18,7 +18,8 @@ from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
 from visionlora.lora import LoraConfig, inject_lora
-from visionlora.models.detection import class_predictor_paths, create_detector, detector_config, resolve_backbone
+from visionlora.models.backbone import resolve_backbone
+from visionlora.models.detection import class_predictor_paths, create_detector, detector_config
 from visionlora.models.detector_folder import load_base_detector, read_detector_config
 from visionlora.models.families import default_lora_targets as family_lora_targets
 
