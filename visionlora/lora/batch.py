@@ -24,6 +24,7 @@ from torch import nn
 
 from .adapters import head_classes, refuse_while_merged, required_name, required_state
 from .inject import lora_layers
+from .per_sample import sample_groups
 
 
 @dataclass
@@ -34,6 +35,7 @@ class BatchPlan:
     indices: list[torch.Tensor]  # the batch positions of each group's samples
     inverse: torch.Tensor  # sample i's row in the groups' outputs concatenated
     size: int
+    sample_group: torch.Tensor  # each sample's group number
     where: str = "the model"  # the module that uses the plan, for error messages
 
     @classmethod
@@ -45,7 +47,7 @@ class BatchPlan:
         order = torch.cat(indices)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=device)
-        return cls(list(groups), indices, inverse, len(names))
+        return cls(list(groups), indices, inverse, len(names), sample_groups(indices, len(names)))
 
     def check_batch(self, size: int) -> None:
         if size != self.size:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .layer import DEFAULT_ADAPTER, Factors, LoraLayer, new_factor
+from .per_sample import add_conv_deltas_, conv_supports_per_sample
 
 
 class LoraConv2d(LoraLayer):
@@ -64,3 +65,11 @@ class LoraConv2d(LoraLayer):
             return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
         # Subclasses transform the weight in forward (standardisation, same-padding): run it with W + ΔW.
         return functional_call(self.base_layer, {"weight": weight}, (x,))
+
+    def add_per_sample_deltas_(self, out: torch.Tensor, x: torch.Tensor, slots: list[nn.Module | None],
+                               sample_group: torch.Tensor) -> bool:
+        if not conv_supports_per_sample(self.base_layer, out):
+            return False
+        pairs = [None if slot is None else (slot.lora_A, slot.lora_B, slot.scale) for slot in slots]
+        add_conv_deltas_(out, x, self.base_layer, pairs, sample_group)
+        return True

@@ -200,8 +200,12 @@ class LoraLayer(nn.Module):
         plan = self.batch_plan
         plan.check_batch(x.shape[0])
         slots = [self.slot_or_none(name) for name in plan.names]
+        if all(slot is None for slot in slots):  # no adapter of this batch adapts this layer
+            return self.base_layer(x)
         if all(slot is None or not slot.weight_form for slot in slots):
             out = self.base_layer(x)
+            if self._per_sample_branches_apply(slots) and self.add_per_sample_deltas_(out, x, slots, plan.sample_group):
+                return out
             for group, slot in enumerate(slots):
                 if slot is not None:
                     rows = plan.take(x, group)
@@ -212,6 +216,16 @@ class LoraLayer(nn.Module):
         pieces = [self.base_layer(rows) if slot is None else self.slot_forward(rows, slot)
                   for rows, slot in zip(plan.split(x), slots, strict=True)]
         return plan.join(pieces)
+
+    def add_per_sample_deltas_(self, out: torch.Tensor, x: torch.Tensor, slots: list[nn.Module | None],
+                               sample_group: torch.Tensor) -> bool:
+        """Add sample i's branch with adapter ``slots[sample_group[i]]`` into ``out`` in a few batched ops
+        (:mod:`visionlora.lora.per_sample`); False, having changed nothing, where this layer kind cannot."""
+        return False
+
+    def _per_sample_branches_apply(self, slots: list[nn.Module | None]) -> bool:
+        # Dropout draws a mask per group's rows in training: the per-group loop keeps that exact.
+        return not (self.training and any(slot is not None and slot.lora_dropout is not None for slot in slots))
 
     def forward_in_form(self, x: torch.Tensor, weight_form: bool, adapter: str | nn.Module | None = None
                         ) -> torch.Tensor:

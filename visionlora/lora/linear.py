@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer import DEFAULT_ADAPTER, Factors, LoraLayer, new_factor
+from .per_sample import add_linear_deltas_
 
 
 class LoraLinear(LoraLayer):
@@ -42,6 +43,12 @@ class LoraLinear(LoraLayer):
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base_layer.bias)
+
+    def add_per_sample_deltas_(self, out: torch.Tensor, x: torch.Tensor, slots: list[nn.Module | None],
+                               sample_group: torch.Tensor) -> bool:
+        pairs = [None if slot is None else (slot.lora_A, slot.lora_B, slot.scale) for slot in slots]
+        add_linear_deltas_(out, x, pairs, sample_group)
+        return True
 
     def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor,
                            adapter: str | nn.Module | None = None) -> torch.Tensor:
@@ -133,3 +140,11 @@ class LoraFusedQKV(LoraLayer):
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base_layer.bias)
+
+    def add_per_sample_deltas_(self, out: torch.Tensor, x: torch.Tensor, slots: list[nn.Module | None],
+                               sample_group: torch.Tensor) -> bool:
+        # Each adapter's slices as one rank-(r·slices) pair on the fused weight (block_B is exact, see QKVSlices).
+        pairs = [None if slot is None else (slot.lora_slices.stacked_A(), slot.lora_slices.block_B(), slot.scale)
+                 for slot in slots]
+        add_linear_deltas_(out, x, pairs, sample_group)
+        return True
