@@ -43,7 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", type=int, default=[1, 4, 16], help="numbers of tasks N")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=3, help="timed arrivals per variant (after one warm-up)")
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--ranks", nargs="+", type=int, default=[8, 4], help="LoRA ranks (a set of rows each)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the latency part")
+    parser.add_argument("--latency-requests", type=int, default=64, help="answers to time (after warm-up)")
+    parser.add_argument("--latency-seconds", type=float, default=240, help="time limit of the latency part")
+    parser.add_argument("--no-latency", action="store_true", help="skip part (c), the server's latency")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--form", default="activation", choices=["auto", "activation", "weight"],
                         help="how LoRA layers apply their update (LoraConfig.form)")
@@ -63,12 +67,12 @@ def tensor_bytes(model) -> int:
     return total
 
 
-def multi_task_model(base, count: int, args):
+def multi_task_model(base, count: int, rank: int, args):
     from visionlora.lora import LoraConfig, add_adapter
     from visionlora.models.families import default_lora_targets
 
     model = copy.deepcopy(base)
-    config = LoraConfig(r=args.rank, alpha=args.rank, targets=default_lora_targets(base), init="small-random",
+    config = LoraConfig(r=rank, alpha=rank, targets=default_lora_targets(base), init="small-random",
                         form=args.form)
     for index in range(count):
         add_adapter(model, f"t{index}", config, num_classes=args.classes)
@@ -104,7 +108,8 @@ def images_per_second(variants: dict, stream: list[list[str]], x) -> dict[str, f
     return {key: len(stream[0]) / statistics.median(times) for key, times in seconds.items()}
 
 
-def measure(name: str, count: int, args) -> dict:
+def measure(name: str, count: int, rank: int, args) -> tuple[dict, dict | None]:
+    """Part (a) and (b) for N = ``count`` tasks at ``rank``; part (c) too for the largest N at the first rank."""
     import timm
     import torch
 
@@ -112,7 +117,7 @@ def measure(name: str, count: int, args) -> dict:
 
     torch.manual_seed(0)
     base = timm.create_model(name, pretrained=False, num_classes=args.classes).eval()
-    model = multi_task_model(base, count, args)
+    model = multi_task_model(base, count, rank, args)
     merged = [copy.deepcopy(base) for _ in range(count)]
     x = torch.randn(args.batch_size, 3, 224, 224)
     stream = arrivals(count, args)
@@ -131,25 +136,43 @@ def measure(name: str, count: int, args) -> dict:
             merged[int(task[1:])](x[rows])
 
     one = tensor_bytes(base)
-    row = {"model": name, "tasks": count, "batch_size": args.batch_size,
+    row = {"model": name, "rank": rank, "tasks": count, "batch_size": args.batch_size,
            "one_model_MB": one / 2**20, "adapters_MB": tensor_bytes(model) / 2**20, "merged_MB": count * one / 2**20}
     variants = {"reference_ips": lambda names, x: base(x), "mixed_ips": mixed, "switch_ips": switch,
                 "merged_per_task_ips": per_task}
     row |= images_per_second(variants, stream, x)
     row["memory_ratio"] = row["adapters_MB"] / row["one_model_MB"]
     row["mixed_vs_merged"] = row["mixed_ips"] / row["reference_ips"]
-    return row
+    latency = None
+    if not args.no_latency and count == max(args.tasks) and rank == args.ranks[0]:
+        from serving_latency import measure_latency
+
+        del merged  # the server is another process: free the copies first
+        latency = measure_latency(model, base, name, args) | {"rank": rank}
+    return row, latency
 
 
 def table(rows: list[dict]) -> str:
-    header = ("model", "N", "1 model MB", "N adapters MB", "N merged MB", "mem ratio", "merged x1 img/s",
+    header = ("model", "r", "N", "1 model MB", "N adapters MB", "N merged MB", "mem ratio", "merged x1 img/s",
               "mixed img/s", "switch img/s", "merged/task img/s", "mixed/merged")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in rows:
-        lines.append(" | ".join([r["model"], str(r["tasks"]), f"{r['one_model_MB']:.1f}", f"{r['adapters_MB']:.1f}",
-                                 f"{r['merged_MB']:.1f}", f"{r['memory_ratio']:.3f}", f"{r['reference_ips']:.1f}",
-                                 f"{r['mixed_ips']:.1f}", f"{r['switch_ips']:.1f}", f"{r['merged_per_task_ips']:.1f}",
-                                 f"{r['mixed_vs_merged']:.2f}"]))
+        cells = [r["model"], str(r["rank"]), str(r["tasks"]), f"{r['one_model_MB']:.1f}", f"{r['adapters_MB']:.1f}",
+                 f"{r['merged_MB']:.1f}", f"{r['memory_ratio']:.3f}", f"{r['reference_ips']:.1f}",
+                 f"{r['mixed_ips']:.1f}", f"{r['switch_ips']:.1f}", f"{r['merged_per_task_ips']:.1f}",
+                 f"{r['mixed_vs_merged']:.2f}"]
+        lines.append(" | ".join(cells))
+    return "\n".join(f"| {line} |" for line in lines)
+
+
+def latency_table(rows: list[dict]) -> str:
+    header = ("model", "r", "N tasks", "clients", "answered", "p50 ms", "p99 ms", "requests/s", "requests per pass",
+              "passes mixing tasks")
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in rows:
+        lines.append(" | ".join([r["model"], str(r["rank"]), str(r["tasks"]), str(r["clients"]), str(r["answered"]),
+                                 f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['requests_per_s']:.1f}",
+                                 f"{r['mean_batch']:.1f}", f"{100 * r['mixed_batches']:.0f}%"]))
     return "\n".join(f"| {line} |" for line in lines)
 
 
@@ -158,10 +181,10 @@ def verdicts(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["tasks"] == max(row["tasks"] for row in rows if row["model"] == r["model"]):
             ok = r["memory_ratio"] <= TARGET_MEMORY
-            found.append(f"{'PASS' if ok else 'FAIL'} {r['model']} memory of {r['tasks']} tasks "
+            found.append(f"{'PASS' if ok else 'FAIL'} {r['model']} r={r['rank']} memory of {r['tasks']} tasks "
                          f"{r['memory_ratio']:.3f} x one model (target <= {TARGET_MEMORY})")
         ok = r["mixed_vs_merged"] >= TARGET_THROUGHPUT
-        found.append(f"{'PASS' if ok else 'FAIL'} {r['model']} N={r['tasks']} mixed throughput "
+        found.append(f"{'PASS' if ok else 'FAIL'} {r['model']} r={r['rank']} N={r['tasks']} mixed throughput "
                      f"{r['mixed_vs_merged']:.2f} x one merged model (target >= {TARGET_THROUGHPUT})")
     return found
 
@@ -172,19 +195,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
+    rows, latencies = [], []
     for name in args.models:
-        for count in args.tasks:
-            rows.append(measure(name, count, args))
-            print(f"{name} N={count}: done", flush=True)
+        for rank in args.ranks:
+            for count in args.tasks:
+                row, latency = measure(name, count, rank, args)
+                rows.append(row)
+                latencies += [latency] if latency else []
+                print(f"{name} r={rank} N={count}: done", flush=True)
     print(table(rows))
+    if latencies:
+        print(latency_table(latencies))
     checks = verdicts(rows)
     print("\n".join(checks))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {"settings": vars(args) | {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                                         "load_average_1min": load, "platform": platform.platform(),
                                         "torch": torch.__version__},
-              "rows": rows, "checks": checks}
+              "rows": rows, "latency": latencies, "checks": checks}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-timeout", type=float, default=0.01, help="seconds to wait for a batch to fill")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest image file (413 above)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest width x height (413)")
+    parser.add_argument("--log-batches", action="store_true",
+                        help="print each forward pass's size and requests per task (batch of 8: a=5 b=3)")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     return parser.parse_args(argv)
 
@@ -61,7 +63,7 @@ def build(args: argparse.Namespace):
 
     _, served = build_tasks(specs)  # every adapter checked against the base before the server starts
     server = build_server(specs, served, Limits(args.max_bytes, args.max_pixels), args.max_batch_size,
-                          args.batch_timeout, args.accelerator)
+                          args.batch_timeout, args.accelerator, log_batches=args.log_batches)
     return server, served
 
 

@@ -7,14 +7,13 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,8 @@ from visionlora.lora import LoraConfig, inject_lora, save_adapter
 from visionlora.predict import Predictor
 from visionlora.serve import ServeError, build_tasks, resolve_tasks
 from visionlora.serve.api import classify_mixed
+from visionlora.serve.batch_log import read_batch_log
+from visionlora.serve.process import free_port, stop_group, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = load_tool("serve")
@@ -66,12 +67,6 @@ def images(tmp_path_factory) -> dict[str, list[Path]]:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def call(url: str, body: bytes | None = None) -> tuple[int, dict | str]:
     """Status and answer (parsed JSON, else text: LitServe's /health answers "ok") of a GET or, with a body, a POST."""
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
@@ -91,18 +86,29 @@ def predict_body(task: str, image: bytes | str, **extra) -> bytes:
     return json.dumps({"task": task, "image": text, **extra}).encode()
 
 
+@dataclass
+class Server:
+    url: str
+    log: Path  # its stdout and stderr: with --log-batches, one line per forward pass
+
+    def batches(self) -> list[dict[str, int]]:
+        """Requests per task of every forward pass so far (--log-batches lines)."""
+        return read_batch_log(self.log.read_text())
+
+
 @pytest.fixture(scope="module")
-def server(runs, tmp_path_factory) -> str:
+def server(runs, tmp_path_factory) -> Server:
     """tools/serve.py in a subprocess on a free port of 127.0.0.1; stopped afterwards, with every process it started.
 
     LitServe runs inference in worker processes of its own; terminating only the main process left them running.
-    The server gets a session (process group) of its own, and the whole group is stopped and checked gone.
+    The server gets a session (process group) of its own, and the whole group is stopped and checked gone
+    (visionlora.serve.process).
     """
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, str(ROOT / "tools" / "serve.py"), *[f"--task={t}={runs[t]}" for t in TASKS],
                "--port", str(port), "--batch-timeout", "0.05", "--max-bytes", str(MAX_BYTES),
-               "--max-pixels", str(MAX_PIXELS), "--accelerator", "cpu"]
+               "--max-pixels", str(MAX_PIXELS), "--accelerator", "cpu", "--log-batches"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     url = f"http://127.0.0.1:{port}"
@@ -110,43 +116,10 @@ def server(runs, tmp_path_factory) -> str:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
-        deadline = time.monotonic() + START_SECONDS
-        while True:
-            assert process.poll() is None, f"the server exited with {process.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no /health after {START_SECONDS} s:\n{log.read_text()}"
-            try:
-                if call(f"{url}/health")[0] == 200:
-                    break
-            except OSError:  # not listening yet
-                pass
-            time.sleep(0.5)
-        yield url
+        wait_until_healthy(url, process, log, START_SECONDS)
+        yield Server(url, log)
     finally:
         stop_group(process)
-
-
-def stop_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM to the server's whole process group, SIGKILL after ``timeout``; fails if any of it is left."""
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while group_alive(process.pid):
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError("processes of the server's group were still running after it stopped")
-        time.sleep(0.2)
-
-
-def group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def expected_answers(runs, images, top_k: int = 3) -> dict[Path, tuple[str, list]]:
@@ -202,8 +175,9 @@ def bad_requests() -> list[tuple[str, bytes, int, str]]:
 
 
 def test_the_server_answers_both_tasks_as_predictor_does_and_refuses_bad_requests(server, runs, images):
+    url = server.url
     expected = expected_answers(runs, images)
-    status, listing = call(f"{server}/tasks")
+    status, listing = call(f"{url}/tasks")
     assert status == 200
     assert listing["tasks"] == [{"name": "novel", "num_classes": 5, "labels": ["5", "6", "7", "8", "9"]},
                                 {"name": "base", "num_classes": 5, "labels": ["0", "1", "2", "3", "4"]}]
@@ -214,7 +188,7 @@ def test_the_server_answers_both_tasks_as_predictor_does_and_refuses_bad_request
     bodies = [body for pair in zip(good, bad, strict=False) for body in (pair[0][2], pair[1][1])]
     bodies += [body for _, _, body in good[len(bad):]] + [body for _, body, _, _ in bad[len(good):]]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        answers = dict(zip(bodies, pool.map(lambda body: call(f"{server}/predict", body), bodies), strict=True))
+        answers = dict(zip(bodies, pool.map(lambda body: call(f"{url}/predict", body), bodies), strict=True))
     for path, task, body in good:
         status, answer = answers[body]
         assert status == 200, answer
@@ -223,11 +197,33 @@ def test_the_server_answers_both_tasks_as_predictor_does_and_refuses_bad_request
         status, answer = answers[body]
         assert (status, message in answer.get("detail", "")) == (code, True), (what, answer)
     # Still serving: health, and a request with its own top_k.
-    assert call(f"{server}/health")[0] == 200
+    assert call(f"{url}/health")[0] == 200
     path = images["base"][0]
-    status, answer = call(f"{server}/predict", predict_body("base", path.read_bytes(), top_k=5))
+    status, answer = call(f"{url}/predict", predict_body("base", path.read_bytes(), top_k=5))
     assert status == 200
     assert_same(answer, "base", expected_answers(runs, images, top_k=5)[path][1])
+
+
+def test_requests_of_both_tasks_arriving_together_share_one_forward_pass(server, runs, images):
+    """LitServe's dynamic batching puts requests of different tasks into one mixed-task forward pass."""
+    expected = expected_answers(runs, images)
+    burst = [(path, task, predict_body(task, path.read_bytes())) for path, (task, _) in expected.items()][:8]
+    burst = [burst[i // 2 + (len(burst) // 2 if i % 2 else 0)] for i in range(len(burst))]  # tasks alternate
+    before = len(server.batches())
+    start = threading.Barrier(len(burst))
+
+    def send(body: bytes):
+        start.wait(timeout=REQUEST_SECONDS)
+        return call(f"{server.url}/predict", body)
+
+    with ThreadPoolExecutor(max_workers=len(burst)) as pool:
+        answers = list(pool.map(send, [body for _, _, body in burst]))
+    for (path, task, _), (status, answer) in zip(burst, answers, strict=True):
+        assert status == 200, answer
+        assert_same(answer, task, expected[path][1])
+    batches = server.batches()[before:]
+    assert sum(sum(batch.values()) for batch in batches) == len(burst)
+    assert any(set(batch) == set(TASKS) for batch in batches), batches
 
 
 def test_a_mixed_batch_in_process_gives_each_task_its_own_predictions(runs, images):

@@ -19,6 +19,7 @@ from torch import nn
 
 from visionlora.lora import adapter_batch
 
+from .batch_log import describe_batch
 from .requests import Limits, RequestCheck, RequestError, parse_request
 from .tasks import ServedTask, TaskSpec, build_tasks
 
@@ -65,11 +66,13 @@ class MultiTaskClassifierAPI(ls.LitAPI):
         limits: Image limits of a request.
         max_batch_size: Requests per mixed-task forward pass, at most.
         batch_timeout: Seconds to wait for a batch to fill.
+        log_batches: Print one line per forward pass: its size and requests per task (``batch of 8: a=5 b=3``).
     """
 
     def __init__(self, specs: list[TaskSpec], limits: Limits, max_batch_size: int = 16,
-                 batch_timeout: float = 0.01) -> None:
+                 batch_timeout: float = 0.01, log_batches: bool = False) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=PREDICT_PATH)
+        self.log_batches = log_batches
         self.specs = specs
         self.limits = limits
         self.task_classes = {spec.name: spec.num_classes for spec in specs}
@@ -90,6 +93,8 @@ class MultiTaskClassifierAPI(ls.LitAPI):
         return list(inputs)
 
     def predict(self, inputs: list[Item]) -> list[dict]:
+        if self.log_batches:
+            print(describe_batch([task for task, _, _ in inputs]), flush=True)
         return classify_mixed(self.model, self.tasks, inputs)
 
     def unbatch(self, output: list[dict]) -> list[dict]:
@@ -100,13 +105,14 @@ class MultiTaskClassifierAPI(ls.LitAPI):
 
 
 def build_server(specs: list[TaskSpec], served: list[ServedTask], limits: Limits, max_batch_size: int = 16,
-                 batch_timeout: float = 0.01, accelerator: str = "auto", timeout: float = 30.0) -> ls.LitServer:
+                 batch_timeout: float = 0.01, accelerator: str = "auto", timeout: float = 30.0,
+                 log_batches: bool = False) -> ls.LitServer:
     """A LitServer for ``specs`` with the request check and ``GET /tasks``; ``served`` gives the tasks' labels.
 
     The model is built in the inference worker; ``served`` (from a check build in the launching process) lists
     what ``GET /tasks`` answers.
     """
-    api = MultiTaskClassifierAPI(specs, limits, max_batch_size, batch_timeout)
+    api = MultiTaskClassifierAPI(specs, limits, max_batch_size, batch_timeout, log_batches)
     check = (RequestCheck, {"task_classes": api.task_classes, "limits": limits, "path": PREDICT_PATH})
     server = ls.LitServer(api, accelerator=accelerator, timeout=timeout, middlewares=[check])
     listing = {"tasks": [{"name": task.name, "num_classes": task.num_classes, "labels": task.label_names}
