@@ -74,3 +74,16 @@ def test_the_tools_exit_2_with_one_line(tmp_path, tool, flags, says):
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(says)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--model.bogus", "3"], "error: unrecognized arguments: --model.bogus 3"),
+    (["--trainer.max_epochs", "many"], "error: --trainer.max_epochs: expected int, got many"),
+    (["--model.lora.r", "zero"], "error: --model.lora.r: expected int, got zero"),
+    (["--model.lora.rank", "3"], "error: --model.lora.rank: no such option (--help lists every option)"),
+], ids=["unknown key", "bad type", "bad nested type", "unknown nested key"])
+def test_an_unknown_key_or_a_wrong_type_is_one_line_without_the_usage(tmp_path, capsys, flags, says):
+    assert command_line(fast_args(tmp_path, *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(says) and "\n" not in err, err[:2000]
+    assert run_dirs(tmp_path) == []

@@ -10,6 +10,7 @@ the flags) and agree on what the config says.
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ from .base import RUN_OPTIONS, VisionLoraCLI
 
 TASKS = ("classification", "detection")
 # What a bad config raises while it is parsed and built: values out of range, missing files and data roots.
-SETUP_ERRORS = (ValueError, OSError)
+SETUP_ERRORS = (ValueError, OSError, ArgumentError)  # ArgumentError: a key or value the parser refuses
 # Flags that print and exit: the task's own parser must see them as they were typed.
 INFORMATIONAL = ("-h", "--help", "--print_config")
 SECTIONS = ("trainer", "model", "data", "optimizer", "lr_scheduler")
@@ -74,6 +75,8 @@ def setup_message(error: BaseException) -> str:
     ``LoraConfig.r must be a positive integer, got 0`` rather than jsonargparse's "Does not validate against any
     of the Union subtypes" and the whole namespace.
     """
+    if isinstance(error, ArgumentError):
+        return argument_message(str(error))
     while error.__cause__ is not None:
         error = error.__cause__
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -116,6 +119,24 @@ def task_of_inlined(args: list[str]) -> str:
         return "classification"
     init_args = model.get("init_args") if isinstance(model.get("init_args"), dict) else model
     return "detection" if init_args.get("detector") is not None else "classification"
+
+
+def argument_message(text: str) -> str:
+    """One line for what jsonargparse refused: ``--model.lora.r: expected int, got zero`` or ``--model.lora.rank: no
+    such option`` from its nested report (the keys from the outermost to the innermost ``Parser key``, the first
+    type that is not None, the value)."""
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    if not keys:  # unrecognized arguments and the like: already one sentence
+        return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    unknown = re.findall(r"""(?:Option '([^']+)' is not accepted|Key "([^"]+)" is not expected)""", text)
+    if unknown:
+        name = next(part for part in unknown[0] if part)
+        return f"--{'.'.join(keys)}.{name}: no such option (--help lists every option)"
+    expected = [found for found in re.findall(r"Expected an? (.+?)(?:\. Got value: .*)?$", text, re.MULTILINE)
+                if "NoneType" not in found]
+    value = re.findall(r"Got value: (.+)$", text, re.MULTILINE) or re.findall(r"Given value: (.+)$", text, re.MULTILINE)
+    wanted = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", expected[0]) if expected else "another value"
+    return f"--{'.'.join(keys)}: expected {wanted}, got {value[0] if value else 'an invalid value'}"
 
 
 def _read_config(path: str) -> str:

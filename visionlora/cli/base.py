@@ -173,8 +173,9 @@ def build_cli(cli_class: type[VisionLoraCLI], model_class, data_class, args: lis
 
     ``args``: a command line (a list), or a config already parsed into a dict (see :func:`visionlora.cli.main`).
     """
+    # exit_on_error=False: a key or value the parser refuses raises (one line from command_line), not usage + exit.
     cli = cli_class(model_class, data_class, run=False, seed_everything_default=0, args=args,
-                    save_config_kwargs={"overwrite": True},
+                    parser_kwargs={"exit_on_error": False}, save_config_kwargs={"overwrite": True},
                     trainer_defaults={"logger": False,
                                       "callbacks": [ModelCheckpoint(save_last=True), GlobalRandomState()]})
     # The run directory's metrics.csv (the plots read it) joins the user's --trainer.logger, first: Lightning puts
