@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 INITS = ("default", "gaussian", "small-random", "pissa")
-FORMS = ("auto", "activation", "weight")
+FORMS = ("auto", "activation", "weight", "fused")
 QKV_SLICES = "qkv"
 # A target may end with "@" plus a subset of "qkv" to adapt only those slices of a fused qkv projection.
 SLICE_SEPARATOR = "@"

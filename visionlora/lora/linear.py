@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import fused_linear, slot_blocker
 from .layer import DEFAULT_ADAPTER, Factors, LoraLayer, new_factor
 
 
@@ -42,6 +43,14 @@ class LoraLinear(LoraLayer):
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base_layer.bias)
+
+    def fused_blocker(self, slot: nn.Module) -> str | None:
+        return slot_blocker(slot)
+
+    def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
+        base = self.base_layer
+        rows = [slice(0, base.out_features)]
+        return fused_linear(x, base.weight, base.bias, slot.lora_A, [slot.lora_B], rows, slot.scale)
 
     def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor,
                            adapter: str | nn.Module | None = None) -> torch.Tensor:
@@ -133,3 +142,14 @@ class LoraFusedQKV(LoraLayer):
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base_layer.bias)
+
+    def fused_blocker(self, slot: nn.Module) -> str | None:
+        return slot_blocker(slot)
+
+    def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
+        # Every slice's A in one block: the base GEMM gains rank·n_slices columns; B stays per slice (block-sparse).
+        slices = slot.lora_slices
+        pairs = slices.factors()
+        base = self.base_layer
+        bs = [pair.B for pair in pairs]
+        return fused_linear(x, base.weight, base.bias, slices.stacked_A(), bs, [p.rows for p in pairs], slot.scale)
