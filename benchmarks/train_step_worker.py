@@ -29,8 +29,12 @@ ALPHA = 8.0
 LR = 1e-4
 # Every attention and MLP projection of every ViT block; matched against the full module path.
 VIT_TARGET = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+# ConvNeXt: the pointwise MLP Linears of every block and the stride-2 downsample convs between stages.
+CONVNEXT_TARGET = r"stages\.\d+\.(blocks\.\d+\.mlp\.fc[12]|downsample\.1)"
 TRAIN_VARIANTS = ("full", "linear_probe", "input_grad_floor", "peft", "visionlora", "visionlora_gc",
-                  "visionlora_activation")
+                  "visionlora_activation", "visionlora_fused")
+FORCED_FORMS = {"visionlora_activation": "activation", "visionlora_fused": "fused"}
+PROFILE_ROWS = 15
 
 
 def build_model(name: str, image_size: int, seed: int) -> nn.Module:
@@ -50,10 +54,15 @@ def head_path(model: nn.Module) -> str:
 
 
 def target_paths(model: nn.Module) -> tuple[str, list[str]]:
-    """("vit", every block projection) when the model has them, else ("conv", every backbone Conv2d)."""
+    """("vit", every block projection) when the model has them, ("convnext", its MLP Linears and downsample convs)
+    for a ConvNeXt, else ("conv", every backbone Conv2d)."""
     linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(VIT_TARGET, p)]
     if linears:
         return "vit", linears
+    kinds = (nn.Linear, nn.Conv2d)
+    convnext = [p for p, m in model.named_modules() if isinstance(m, kinds) and re.fullmatch(CONVNEXT_TARGET, p)]
+    if convnext:
+        return "convnext", convnext
     head = head_path(model)
     convs = [p for p, m in model.named_modules() if isinstance(m, nn.Conv2d) and not p.startswith(head)]
     return "conv", convs
@@ -61,7 +70,7 @@ def target_paths(model: nn.Module) -> tuple[str, list[str]]:
 
 def lora_config(family: str, form: str = "auto", init: str = "default") -> LoraConfig:
     """visionlora's config with the targets, rank and alpha the PEFT variant uses (qkv as one matrix, like PEFT)."""
-    targets = [VIT_TARGET] if family == "vit" else ["conv"]
+    targets = {"vit": [VIT_TARGET], "convnext": [CONVNEXT_TARGET]}.get(family, ["conv"])
     return LoraConfig(r=RANK, alpha=ALPHA, targets=targets, split_qkv=False, form=form, init=init)
 
 
@@ -82,11 +91,8 @@ def setup_variant(model: nn.Module, variant: str) -> tuple[nn.Module, dict]:
     elif variant == "peft":
         model = _setup_peft(model, paths)
     elif variant.startswith("visionlora"):
-        form = "activation" if variant == "visionlora_activation" else "auto"
-        inject_lora(model, lora_config(family, form=form))
+        inject_lora(model, lora_config(family, form=FORCED_FORMS.get(variant, "auto")))
         _check_adapted(set(lora_layers(model)), paths, variant)
-        forms = [layer.weight_form for layer in lora_layers(model).values()]
-        info["forms"] = {"weight": sum(forms), "activation": len(forms) - sum(forms)}
         if variant == "visionlora_gc":
             model.set_grad_checkpointing(True)
     else:
@@ -143,6 +149,26 @@ def time_train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return times
 
 
+def count_forms(model: nn.Module) -> dict[str, int]:
+    """How many LoRA layers run in each form (fused / weight / activation)."""
+    names = [layer.form_name() for layer in lora_layers(model).values()]
+    return {form: names.count(form) for form in ("fused", "weight", "activation")}
+
+
+def profile_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """The top operators of one more training step (no optimizer) by self CPU time, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.cross_entropy(model(images), labels).backward()
+    images.grad = None
+    model.zero_grad(set_to_none=True)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in events[:PROFILE_ROWS]]
+
+
 def summarize(times_ms: list[float]) -> dict:
     ordered = sorted(times_ms)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
@@ -183,6 +209,10 @@ def run_train(spec: dict) -> dict:
     rss_before = current_rss_mb()
     before = cpu_snapshot()
     times = time_train_steps(model, images, labels, spec["steps"], spec["warmup"])
+    if spec["variant"].startswith("visionlora"):
+        info["forms"] = count_forms(model)  # after the warmup steps, where form='auto' measured
+    if spec.get("profile"):
+        info["profile"] = profile_step(model, images, labels)
     return {
         **summarize(times),
         "other_cpu_share": other_cpu_share(before, cpu_snapshot()),
