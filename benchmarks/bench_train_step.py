@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every worker")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model weights and the random batch")
     parser.add_argument("--no-inference", action="store_true", help="skip the base vs merged inference worker")
+    parser.add_argument("--interleave", nargs="+", choices=VARIANTS, metavar="VARIANT",
+                        help="also time these variants in one process, a step of each in turn (drift and other load "
+                             "hit all alike): the robust ratio to the floor on a shared machine")
     parser.add_argument("--profile", action="store_true",
                         help="profile one extra step of the floor and visionlora: top operators side by side")
     parser.add_argument("--quick", action="store_true", help="small models and inputs: a smoke run of every path")
@@ -109,6 +112,9 @@ def worker_specs(args: argparse.Namespace, model: str) -> list[dict]:
     variants = [v for v in args.variants if v != "visionlora_gc" or is_vit]
     specs = [{**common, "kind": "train", "variant": v, "profile": args.profile and v in PROFILED_VARIANTS}
              for v in variants]
+    if args.interleave:
+        chosen = [v for v in args.interleave if v != "visionlora_gc" or is_vit]
+        specs.append({**common, "kind": "interleaved", "variant": "interleaved", "variants": chosen})
     if not args.no_inference:
         specs.append({**common, "kind": "inference", "variant": "inference", "steps": 2 * args.steps})
     return specs
@@ -133,6 +139,9 @@ def progress_line(index: int, total: int, spec: dict, result: dict, seconds: flo
     if "skipped" in result:
         return f"{where}: skipped, {result['skipped']}"
     others = f"; others used {result['other_cpu_share']:.0%} of the CPUs ({seconds:.1f} s)"
+    if spec["kind"] == "interleaved":
+        ratios = ", ".join(f"{v} x{result[v]['over_floor']:.3f}" for v in spec["variants"] if "over_floor" in result[v])
+        return f"{where}: per-round ratio to the floor {ratios}{others}"
     if spec["kind"] == "inference":
         return (f"{where}: base {result['base']['median_ms']:.1f} ms, merged x{result['merged_over_base']:.3f}, "
                 f"unloaded x{result['unloaded_over_base']:.3f}{others}")
@@ -161,8 +170,8 @@ def run_all(args: argparse.Namespace) -> dict:
         result = {"skipped": skipped} if skipped else run_worker_process(spec)
         print(progress_line(index, len(specs), spec, result, time.perf_counter() - start), flush=True)
         entry = results[spec["model"]]
-        if spec["kind"] == "inference":
-            entry["inference"] = result
+        if spec["kind"] in ("inference", "interleaved"):
+            entry[spec["kind"]] = result
         else:
             entry["train"][spec["variant"]] = result
             if "family" in result:

@@ -10,12 +10,16 @@ COLUMNS = (("variant", 21), ("median ms", 10), ("p90 ms", 9), ("x floor", 8), ("
            ("dRSS x full", 12), ("trainable", 11), ("total", 11))
 # (family, description, limit): the issues' targets; each is checked on the models of that family that ran.
 # Issue 17: a step within 5% (ViT) / 10% (convnets) of the input-gradient floor, and <= 0.85 x PEFT's.
-COMMON_TARGETS = [("time visionlora/peft", 0.85), ("peak RSS visionlora/full", 1.0), ("inference merged/base", 1.02)]
+# "interleaved ..." reads the --interleave worker (one process, steps in turn), the robust ratio on a loaded machine.
+COMMON_TARGETS = [("time visionlora/peft", 0.85), ("interleaved visionlora/peft", 0.85),
+                  ("peak RSS visionlora/full", 1.0), ("inference merged/base", 1.02)]
 TARGETS = {
-    "vit": [("time visionlora/input_grad_floor", 1.05), ("time visionlora/full", 0.75),
-            ("peak RSS visionlora_gc/full", 0.6), *COMMON_TARGETS],
-    "conv": [("time visionlora/input_grad_floor", 1.10), ("time visionlora/full", 1.0), *COMMON_TARGETS],
-    "convnext": [("time visionlora/input_grad_floor", 1.10), *COMMON_TARGETS],
+    "vit": [("time visionlora/input_grad_floor", 1.05), ("interleaved visionlora/input_grad_floor", 1.05),
+            ("time visionlora/full", 0.75), ("peak RSS visionlora_gc/full", 0.6), *COMMON_TARGETS],
+    "conv": [("time visionlora/input_grad_floor", 1.10), ("interleaved visionlora/input_grad_floor", 1.10),
+             ("time visionlora/full", 1.0), *COMMON_TARGETS],
+    "convnext": [("time visionlora/input_grad_floor", 1.10), ("interleaved visionlora/input_grad_floor", 1.10),
+                 *COMMON_TARGETS],
 }
 
 
@@ -74,6 +78,8 @@ def format_table(model: str, result: dict) -> str:
             continue
         lines.append(_join(row))
     lines.append(inference_line(result.get("inference", {})))
+    if "interleaved" in result:
+        lines.append(interleaved_line(result["interleaved"]))
     forms = {v: r["forms"] for v, r in result["train"].items() if "forms" in r}
     if forms:
         lines.append("LoRA forms chosen (fused/weight/activation layers): "
@@ -85,6 +91,14 @@ def _join(cells: list[str]) -> str:
     """First column left-aligned, the rest right-aligned, to the widths in COLUMNS."""
     widths = [width for _, width in COLUMNS]
     return "".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+
+def interleaved_line(interleaved: dict) -> str:
+    if "error" in interleaved:
+        return "interleaved: ERROR " + interleaved["error"].strip().splitlines()[-1][:100]
+    cells = [f"{v} {r['median_ms']:.0f} ms x{r['over_floor']:.3f}" for v, r in interleaved.items()
+             if isinstance(r, dict) and "over_floor" in r]
+    return "interleaved in one process (median, median per-round ratio to the floor): " + ", ".join(cells)
 
 
 def inference_line(inference: dict) -> str:
@@ -105,6 +119,9 @@ def target_value(name: str, result: dict) -> float | None:
         return result.get("inference", {}).get("merged_over_base")
     kind, pair = name.rsplit(" ", 1)
     top, bottom = pair.split("/")
+    if kind == "interleaved":
+        over = {v: r.get("over_floor") for v, r in result.get("interleaved", {}).items() if isinstance(r, dict)}
+        return ratio(over.get(top), over.get(bottom)) if bottom != FLOOR else over.get(top)
     key = "median_ms" if kind == "time" else "peak_rss_mb"
     return ratio(_metric(train, top, key), _metric(train, bottom, key))
 
@@ -123,7 +140,7 @@ def check_targets(results: dict) -> list[dict]:
 def format_targets(checks: list[dict]) -> str:
     lines = ["Targets (issues; set for vit_small_patch16_224 / resnet50 / convnext_tiny at batch 8, 224 px):"]
     for c in checks:
-        lines.append(f"  {c['status']:4}  {c['model']:24} {c['target']:34} {_fmt(c['value'], '.3f'):>7} "
+        lines.append(f"  {c['status']:4}  {c['model']:24} {c['target']:40} {_fmt(c['value'], '.3f'):>7} "
                      f"<= {c['limit']:.2f}")
     return "\n".join(lines)
 
@@ -151,7 +168,7 @@ def contended_workers(results: dict, threshold: float = 0.1) -> dict[str, float]
     CPUs."""
     found = {}
     for model, result in results.items():
-        workers = {**result["train"], "inference": result.get("inference", {})}
+        workers = {**result["train"], **{kind: result.get(kind, {}) for kind in ("inference", "interleaved")}}
         for variant, r in workers.items():
             share = r.get("other_cpu_share")
             if share is not None and share > threshold:

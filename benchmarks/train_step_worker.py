@@ -33,6 +33,7 @@ VIT_TARGET = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 CONVNEXT_TARGET = r"stages\.\d+\.(blocks\.\d+\.mlp\.fc[12]|downsample\.1)"
 TRAIN_VARIANTS = ("full", "linear_probe", "input_grad_floor", "peft", "visionlora", "visionlora_gc",
                   "visionlora_activation", "visionlora_fused")
+FLOOR_VARIANT = "input_grad_floor"
 FORCED_FORMS = {"visionlora_activation": "activation", "visionlora_fused": "fused"}
 PROFILE_ROWS = 15
 
@@ -124,9 +125,8 @@ def random_batch(batch_size: int, image_size: int, seed: int) -> tuple[torch.Ten
     return images, labels
 
 
-def time_train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int,
-                     warmup: int) -> list[float]:
-    """Milliseconds of each timed forward + backward + AdamW step + zero_grad, after ``warmup`` untimed ones."""
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward + AdamW step (trainable parameters only) + zero_grad of ``model``, as a callable."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR) if trainable else None
     model.train()
@@ -139,6 +139,13 @@ def time_train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def time_train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int,
+                     warmup: int) -> list[float]:
+    """Milliseconds of each timed training step (:func:`train_step`), after ``warmup`` untimed ones."""
+    step = train_step(model, images, labels)
     for _ in range(warmup):
         step()
     times = []
@@ -147,6 +154,30 @@ def time_train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         step()
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def run_interleaved(spec: dict) -> dict:
+    """Several training variants in ONE process, one step of each per round in rotating order, so load from other
+    processes and drift hit all of them alike; each variant's median and its median per-round ratio to the floor."""
+    steps, forms = {}, {}
+    for variant in spec["variants"]:
+        model, info = setup_variant(build_model(spec["model"], spec["image_size"], spec["seed"]), variant)
+        images, labels = random_batch(spec["batch_size"], spec["image_size"], spec["seed"])
+        images.requires_grad_(info.pop("input_grad", False))
+        steps[variant] = train_step(model, images, labels)
+        if variant.startswith("visionlora"):
+            steps[variant]()  # form='auto' measures on the first training step: before timing
+            forms[variant] = count_forms(model)
+    before = cpu_snapshot()
+    times = time_interleaved(steps, rounds=spec["steps"], warmup=spec["warmup"])
+    floor = times.get(FLOOR_VARIANT)
+    result = {"other_cpu_share": other_cpu_share(before, cpu_snapshot()), "forms": forms}
+    for variant, values in times.items():
+        result[variant] = {**summarize(values), "times_ms": values}
+        if floor:
+            per_round = [t / f for t, f in zip(values, floor, strict=True)]
+            result[variant]["over_floor"] = statistics.median(per_round)
+    return result
 
 
 def count_forms(model: nn.Module) -> dict[str, int]:
@@ -284,6 +315,7 @@ def run_worker(spec_json: str) -> None:
     """Entry point of a worker process: run the spec and print ``RESULT <json>`` as the last stdout line."""
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
-    result = run_inference(spec) if spec["kind"] == "inference" else run_train(spec)
+    runners = {"inference": run_inference, "interleaved": run_interleaved, "train": run_train}
+    result = runners[spec["kind"]](spec)
     result.update(threads=torch.get_num_threads())
     print(RESULT_PREFIX + json.dumps(result), flush=True)
