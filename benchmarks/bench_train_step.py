@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="profile one extra step of the floor and visionlora: top operators side by side")
     parser.add_argument("--quick", action="store_true", help="small models and inputs: a smoke run of every path")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (written atomically)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other models already in --out (each with its own run's settings)")
     parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -240,10 +242,28 @@ def run_benchmark(args: argparse.Namespace) -> int:
     env["loadavg_after"] = os.getloadavg()
     data = {"settings": settings, "environment": env, "results": results, "targets": checks, "contended": contended,
             "wall_s": time.perf_counter() - started}
+    if args.append:
+        data = appended(args.out, data)
     write_json_atomic(args.out, data)
     print(f"\nwrote {args.out} ({data['wall_s']:.0f} s)")
     failed = any("error" in r for res in results.values() for r in [*res["train"].values(), res.get("inference", {})])
     return 1 if failed else 0
+
+
+def appended(path: Path, data: dict) -> dict:
+    """``data`` with the other models of the results file at ``path`` kept, each with the settings, environment and
+    targets of the run that measured it (``runs``), so models run one at a time make one file."""
+    runs = {model: {k: data[k] for k in ("settings", "environment", "wall_s")} for model in data["results"]}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        old_runs = old.get("runs") or {m: {k: old[k] for k in ("settings", "environment", "wall_s")}
+                                        for m in old["results"]}
+        for model, result in old["results"].items():
+            if model not in data["results"]:
+                data["results"][model] = result
+                runs[model] = old_runs[model]
+                data["targets"] += [c for c in old["targets"] if c["model"] == model]
+    return {**data, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
