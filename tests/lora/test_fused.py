@@ -129,15 +129,15 @@ def test_stdconv_with_form_fused_equals_the_weight_form():
 def test_auto_measures_three_forms_and_summary_shows_the_choice(monkeypatch):
     import visionlora.lora.layer as layer_module
 
-    monkeypatch.setattr(layer_module.time, "perf_counter", iter(range(10**6)).__next__)  # every form ties ...
+    monkeypatch.setattr(layer_module.time, "perf_counter", iter(range(10**6)).__next__)  # every form takes 1 s ...
     model = nn.Sequential(nn.Linear(8, 8))
     inject_lora(model, LoraConfig(r=2, targets=[r"0"], train_head=False))
     layer = model[0]
     assert layer.form_pending and "form=activation?" in layer.extra_repr()
     assert lora_summary(model).rows[0].form == "activation?"
     model(torch.randn(3, 8, requires_grad=True)).sum().backward()
-    assert not layer.form_pending and layer.form_name() == "weight"  # ... so the first candidate wins
-    assert lora_summary(model).rows[0].form == "weight" and "form=weight" in str(layer.extra_repr())
+    assert not layer.form_pending and layer.form_name() == "fused"  # ... so fused wins: the others are not 10% faster
+    assert lora_summary(model).rows[0].form == "fused" and "form=fused" in str(layer.extra_repr())
 
 
 def _timm_step(name: str, form: str, targets: list[str], split_qkv: bool = True):
@@ -170,3 +170,18 @@ def test_timm_model_step_fused_equals_activation(name, targets):
     torch.testing.assert_close(gx_f, gx_a, rtol=1e-4, atol=1e-6)
     for key, grad in grads_f.items():
         torch.testing.assert_close(grad, grads_a[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("activation_s, expected", [(1.0, "fused"), (0.8, "activation")])
+def test_auto_takes_another_form_only_when_it_is_ten_percent_faster(monkeypatch, activation_s, expected):
+    import itertools
+
+    import visionlora.lora.layer as layer_module
+
+    durations = {"weight": 5.0, "activation": activation_s, "fused": 1.0}  # seconds per forward + backward
+    clock = itertools.accumulate(itertools.chain.from_iterable(
+        (0.0, durations[form]) for _ in range(3) for form in ("weight", "activation", "fused")))
+    monkeypatch.setattr(layer_module.time, "perf_counter", clock.__next__)
+    layer = LoraLinear(nn.Linear(8, 8), rank=2, scale=1.0)
+    layer.base_layer.requires_grad_(False)
+    assert layer_module.measure_faster_form(layer, torch.randn(3, 8)) == expected
