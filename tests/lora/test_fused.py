@@ -136,7 +136,7 @@ def test_auto_measures_three_forms_and_summary_shows_the_choice(monkeypatch):
     assert layer.form_pending and "form=activation?" in layer.extra_repr()
     assert lora_summary(model).rows[0].form == "activation?"
     model(torch.randn(3, 8, requires_grad=True)).sum().backward()
-    assert not layer.form_pending and layer.form_name() == "fused"  # ... so fused wins: the others are not 10% faster
+    assert not layer.form_pending and layer.form_name() == "fused"  # ... so fused wins: the others are not 25% faster
     assert lora_summary(model).rows[0].form == "fused" and "form=fused" in str(layer.extra_repr())
 
 
@@ -172,8 +172,8 @@ def test_timm_model_step_fused_equals_activation(name, targets):
         torch.testing.assert_close(grad, grads_a[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("activation_s, expected", [(1.0, "fused"), (0.8, "activation")])
-def test_auto_takes_another_form_only_when_it_is_ten_percent_faster(monkeypatch, activation_s, expected):
+@pytest.mark.parametrize("activation_s, expected", [(0.8, "fused"), (0.7, "activation")])
+def test_auto_takes_another_form_only_when_it_is_a_quarter_faster(monkeypatch, activation_s, expected):
     import itertools
 
     import visionlora.lora.layer as layer_module
