@@ -183,3 +183,44 @@ def format_contended(contended: dict[str, float]) -> str:
         f"others used {shares[0]:.0%}-{shares[-1]:.0%} of the CPUs")
     return (f"WARNING: other processes used > 10% of the CPUs while timing {len(contended)} worker(s), so these "
             f"timings are unreliable: {which}")
+
+
+def markdown_table(results: dict) -> str:
+    """The issue-17 table from a results file: interleaved ratios to the floor (and to PEFT), separate-process
+    medians, peak RSS over full fine-tuning and merged/base inference, one row per model."""
+    header = ("| model (targets) | floor ms | visionlora x floor | visionlora_fused x floor | PEFT x floor "
+              "| visionlora / PEFT | separate processes: visionlora x floor | peak RSS visionlora / full "
+              "| merged / base | forms fused/weight/act. |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for model, result in results.items():
+        inter, train = result.get("interleaved", {}), result["train"]
+        over = {v: r.get("over_floor") for v, r in inter.items() if isinstance(r, dict)}
+        forms = inter.get("forms", {}).get("visionlora") or train.get("visionlora", {}).get("forms") or {}
+        cells = [
+            f"{model} ({result.get('targets', '?')} {result.get('family', '')} targets)",
+            _fmt(inter.get(FLOOR, {}).get("median_ms"), ".0f"), _fmt(over.get("visionlora")),
+            _fmt(over.get("visionlora_fused")), _fmt(over.get("peft")),
+            _fmt(ratio(over.get("visionlora"), over.get("peft"))),
+            _fmt(ratio(_metric(train, "visionlora", "median_ms"), _metric(train, FLOOR, "median_ms"))),
+            _fmt(ratio(_metric(train, "visionlora", "peak_rss_mb"), _metric(train, "full", "peak_rss_mb"))),
+            _fmt(result.get("inference", {}).get("merged_over_base"), ".3f"),
+            "/".join(str(forms.get(k, "-")) for k in ("fused", "weight", "activation")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the markdown table of a results file (docs/engine.md's table)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="Markdown table of a bench_train_step.py results file.")
+    parser.add_argument("results", type=Path, help="benchmarks/results/train_step.json or another --out file")
+    args = parser.parse_args(argv)
+    print(markdown_table(json.loads(args.results.read_text())["results"]))
+
+
+if __name__ == "__main__":
+    main()
