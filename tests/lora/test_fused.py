@@ -156,7 +156,7 @@ def _timm_step(name: str, form: str, targets: list[str], split_qkv: bool = True)
 TIMM_CASES = [
     ("test_vit", ["attn-qv", r".*\.(attn\.proj|mlp\.fc[12])"]),
     ("test_resnet", ["conv"]),
-    ("test_convnext", [r"stages\.\d+\.(blocks\.\d+\.mlp\.fc[12]|downsample\.1)", r"stages\.\d+\.blocks\.\d+\.conv_dw"]),
+    ("test_convnext", [r"stages\.\d+\.(blocks\.\d+\.mlp\.fc[12]|downsample\.1)"]),  # the benchmark's targets
 ]
 
 
