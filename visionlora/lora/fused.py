@@ -13,7 +13,7 @@ weight form's forward and the activation form's cheap factor gradients:
   thin factor gradients remain: g_h = s·g·B, dA = g_hᵀ·x and dB = s·gᵀ·h. W never receives a gradient.
 
 Saved for backward: x (which the base layer saves as well), h (N×r) and Q (weight-sized). y is returned as a
-tensor that shares Q's GEMM output storage (not a view, so downstream in-place ops are allowed); its rows are
+tensor over the GEMM's output storage (not a view, so downstream in-place ops are allowed); its rows are
 out + r apart.
 
 Not fused (the layer falls back to the weight or activation form, see ``fused_blocker`` of each layer): DoRA
