@@ -9,12 +9,15 @@ Each variant runs in its own fresh Python process (``--worker``), so its peak RS
 * ``peft``: ``peft.LoraConfig(r=8, lora_alpha=8, target_modules=<explicit names>, modules_to_save=[head])``.
 * ``visionlora``: the same modules, rank and alpha (ViT: qkv as one matrix, ``split_qkv=False``, as PEFT does;
   ResNet: preset ``conv``, which the worker checks selects exactly PEFT's module list); ``form='auto'``.
-* ``visionlora_activation``: the same with ``form='activation'`` forced (ratio of the two LoRA forms); skipped, and
-  marked so, where ``visionlora``'s ``form='auto'`` already chose the activation form for every layer (ViT Linears).
+* ``visionlora_activation`` / ``visionlora_fused``: the same with ``form='activation'`` / ``form='fused'`` forced
+  (the fused form rides A in the frozen layer's GEMM/conv, see ``visionlora/lora/fused.py``); skipped, and marked so,
+  where ``visionlora``'s ``form='auto'`` already chose that form for every layer.
 * ``visionlora_gc``: ``visionlora`` plus timm's ``set_grad_checkpointing(True)`` (ViT models only).
 
-Targets: ViT models adapt every ``blocks.N.attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``; other models every
-``nn.Conv2d`` outside the head. One step is forward + cross-entropy + backward + AdamW (lr 1e-4, trainable
+Targets: ViT models adapt every ``blocks.N.attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``; ConvNeXt models every
+block's pointwise ``mlp.fc1``/``mlp.fc2`` and the ``stages.N.downsample.1`` convs; other models every ``nn.Conv2d``
+outside the head. Every step time is also printed as a ratio to ``input_grad_floor`` of the same run (``x floor``).
+One step is forward + cross-entropy + backward + AdamW (lr 1e-4, trainable
 parameters only) + zero_grad on a seeded random batch, timed with ``time.perf_counter`` after warmup steps. A further
 worker per model times inference (eval, no_grad) of the base model against the same model after ``inject_lora`` +
 ``merge_lora`` and after ``unload_lora``, interleaved in rotating order so drift cancels.
@@ -24,9 +27,12 @@ pass (every layer must pass gradients down to the adapters below it); only the w
 optimizer update go away, so a LoRA step costs about 2/3 of a full step at best. Targets (from the issue,
 vit_small_patch16_224 and resnet50 at batch 8, 224 px), printed PASS/FAIL from the measurements:
 
-* vit_small: visionlora/full <= 0.75, visionlora/peft <= 0.90, visionlora_gc peak RSS <= 0.6 x full;
-* resnet50: visionlora/full <= 1.0, visionlora/peft <= 0.25;
-* both: merged inference/base <= 1.02, peak RSS visionlora <= full.
+* vit_small: visionlora/floor <= 1.05, visionlora/full <= 0.75, visionlora_gc peak RSS <= 0.6 x full;
+* resnet50 and convnext_tiny: visionlora/floor <= 1.10;
+* every model: visionlora/peft <= 0.85, merged inference/base <= 1.02, peak RSS visionlora <= full.
+
+``--profile`` adds one profiled step (torch.profiler, no optimizer) to the floor and visionlora workers and prints their
+top operators by self CPU time side by side: where the time over the floor goes.
 
 Peak RSS (``ru_maxrss``) includes the interpreter, torch and timm (and, for ``peft``, peft and transformers);
 ``dRSS`` is the growth over the RSS just before the first step, i.e. what training itself adds. Each library runs
@@ -40,9 +46,10 @@ high, and marks variants whose p90 exceeds 1.5 x the median).
 
 Usage::
 
-    python benchmarks/bench_train_step.py                 # vit_small_patch16_224 + resnet50, batch 8, 224 px
+    python benchmarks/bench_train_step.py                 # vit_small_patch16_224, resnet50, convnext_tiny at 224 px
     python benchmarks/bench_train_step.py --quick         # vit_tiny + resnet18 at 96 px, < 1 min on 2 idle cores
     python benchmarks/bench_train_step.py --models resnet50 --variants full visionlora --steps 3 --warmup 1
+    python benchmarks/bench_train_step.py --models vit_small_patch16_224 --threads 1 --steps 4 --warmup 1 --profile
 """
 
 from __future__ import annotations
@@ -56,10 +63,11 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODELS = ["vit_small_patch16_224", "resnet50"]
+DEFAULT_MODELS = ["vit_small_patch16_224", "resnet50", "convnext_tiny"]
 QUICK_MODELS = ["vit_tiny_patch16_224", "resnet18"]
 VARIANTS = ["full", "linear_probe", "input_grad_floor", "peft", "visionlora", "visionlora_gc",
-            "visionlora_activation"]
+            "visionlora_activation", "visionlora_fused"]
+PROFILED_VARIANTS = ("input_grad_floor", "visionlora")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_step.json"
 RESULT_PREFIX = "RESULT "  # must match train_step_worker.RESULT_PREFIX (not imported: it pulls in torch)
 
@@ -75,8 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every worker")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model weights and the random batch")
     parser.add_argument("--no-inference", action="store_true", help="skip the base vs merged inference worker")
+    parser.add_argument("--interleave", nargs="+", choices=VARIANTS, metavar="VARIANT",
+                        help="also time these variants in one process, a step of each in turn (drift and other load "
+                             "hit all alike): the robust ratio to the floor on a shared machine")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one extra step of the floor and visionlora: top operators side by side")
     parser.add_argument("--quick", action="store_true", help="small models and inputs: a smoke run of every path")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (written atomically)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other models already in --out (each with its own run's settings)")
     parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -97,7 +112,11 @@ def worker_specs(args: argparse.Namespace, model: str) -> list[dict]:
               "warmup": args.warmup, "threads": args.threads, "seed": args.seed}
     is_vit = "vit" in model or "deit" in model
     variants = [v for v in args.variants if v != "visionlora_gc" or is_vit]
-    specs = [{**common, "kind": "train", "variant": v} for v in variants]
+    specs = [{**common, "kind": "train", "variant": v, "profile": args.profile and v in PROFILED_VARIANTS}
+             for v in variants]
+    if args.interleave:
+        chosen = [v for v in args.interleave if v != "visionlora_gc" or is_vit]
+        specs.append({**common, "kind": "interleaved", "variant": "interleaved", "variants": chosen})
     if not args.no_inference:
         specs.append({**common, "kind": "inference", "variant": "inference", "steps": 2 * args.steps})
     return specs
@@ -122,6 +141,9 @@ def progress_line(index: int, total: int, spec: dict, result: dict, seconds: flo
     if "skipped" in result:
         return f"{where}: skipped, {result['skipped']}"
     others = f"; others used {result['other_cpu_share']:.0%} of the CPUs ({seconds:.1f} s)"
+    if spec["kind"] == "interleaved":
+        ratios = ", ".join(f"{v} x{result[v]['over_floor']:.3f}" for v in spec["variants"] if "over_floor" in result[v])
+        return f"{where}: per-round ratio to the floor {ratios}{others}"
     if spec["kind"] == "inference":
         return (f"{where}: base {result['base']['median_ms']:.1f} ms, merged x{result['merged_over_base']:.3f}, "
                 f"unloaded x{result['unloaded_over_base']:.3f}{others}")
@@ -131,13 +153,13 @@ def progress_line(index: int, total: int, spec: dict, result: dict, seconds: flo
 
 
 def same_as_auto(spec: dict, train: dict) -> dict | None:
-    """A "skipped" result when forcing form='activation' would rebuild exactly the model ``visionlora`` timed (its
-    form='auto' already chose the activation form for every layer, as it does for Linear layers): nothing to learn."""
+    """A "skipped" result when forcing a form would rebuild exactly the model ``visionlora`` timed (its form='auto'
+    already chose that form for every layer): nothing to learn."""
+    forced = {"visionlora_activation": "activation", "visionlora_fused": "fused"}.get(spec["variant"])
     forms = train.get("visionlora", {}).get("forms")
-    if spec["variant"] != "visionlora_activation" or not forms or forms["weight"]:
+    if forced is None or not forms or sum(forms.values()) != forms.get(forced, 0):
         return None
-    return {"skipped": f"identical to visionlora: form='auto' chose the activation form for all "
-                       f"{forms['activation']} layers"}
+    return f"identical to visionlora: form='auto' chose the {forced} form for all {forms[forced]} layers"
 
 
 def run_all(args: argparse.Namespace) -> dict:
@@ -146,11 +168,12 @@ def run_all(args: argparse.Namespace) -> dict:
     results: dict[str, dict] = {m: {"train": {}} for m in args.models}
     for index, spec in enumerate(specs, start=1):
         start = time.perf_counter()
-        result = same_as_auto(spec, results[spec["model"]]["train"]) or run_worker_process(spec)
+        skipped = same_as_auto(spec, results[spec["model"]]["train"])
+        result = {"skipped": skipped} if skipped else run_worker_process(spec)
         print(progress_line(index, len(specs), spec, result, time.perf_counter() - start), flush=True)
         entry = results[spec["model"]]
-        if spec["kind"] == "inference":
-            entry["inference"] = result
+        if spec["kind"] in ("inference", "interleaved"):
+            entry[spec["kind"]] = result
         else:
             entry["train"][spec["variant"]] = result
             if "family" in result:
@@ -183,11 +206,13 @@ def environment() -> dict:
 
 def print_report(args: argparse.Namespace, results: dict, checks: list[dict]) -> dict[str, float]:
     """The tables, the targets and any contention warning; returns the contended workers."""
-    from train_step_report import contended_workers, format_contended, format_table, format_targets
+    from train_step_report import contended_workers, format_contended, format_profiles, format_table, format_targets
 
     print()
     for model, result in results.items():
         print(format_table(model, result), end="\n\n")
+        if args.profile:
+            print(format_profiles(model, result["train"]), end="\n\n")
     print(format_targets(checks))
     contended = contended_workers(results)
     if contended:
@@ -217,10 +242,28 @@ def run_benchmark(args: argparse.Namespace) -> int:
     env["loadavg_after"] = os.getloadavg()
     data = {"settings": settings, "environment": env, "results": results, "targets": checks, "contended": contended,
             "wall_s": time.perf_counter() - started}
+    if args.append:
+        data = appended(args.out, data)
     write_json_atomic(args.out, data)
     print(f"\nwrote {args.out} ({data['wall_s']:.0f} s)")
     failed = any("error" in r for res in results.values() for r in [*res["train"].values(), res.get("inference", {})])
     return 1 if failed else 0
+
+
+def appended(path: Path, data: dict) -> dict:
+    """``data`` with the other models of the results file at ``path`` kept, each with the settings, environment and
+    targets of the run that measured it (``runs``), so models run one at a time make one file."""
+    runs = {model: {k: data[k] for k in ("settings", "environment", "wall_s")} for model in data["results"]}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        old_runs = old.get("runs") or {m: {k: old[k] for k in ("settings", "environment", "wall_s")}
+                                        for m in old["results"]}
+        for model, result in old["results"].items():
+            if model not in data["results"]:
+                data["results"][model] = result
+                runs[model] = old_runs[model]
+                data["targets"] += [c for c in old["targets"] if c["model"] == model]
+    return {**data, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,13 @@ ALPHA = 8.0
 LR = 1e-4
 # Every attention and MLP projection of every ViT block; matched against the full module path.
 VIT_TARGET = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+# ConvNeXt: the pointwise MLP Linears of every block and the stride-2 downsample convs between stages.
+CONVNEXT_TARGET = r"stages\.\d+\.(blocks\.\d+\.mlp\.fc[12]|downsample\.1)"
 TRAIN_VARIANTS = ("full", "linear_probe", "input_grad_floor", "peft", "visionlora", "visionlora_gc",
-                  "visionlora_activation")
+                  "visionlora_activation", "visionlora_fused")
+FLOOR_VARIANT = "input_grad_floor"
+FORCED_FORMS = {"visionlora_activation": "activation", "visionlora_fused": "fused"}
+PROFILE_ROWS = 15
 
 
 def build_model(name: str, image_size: int, seed: int) -> nn.Module:
@@ -50,10 +55,15 @@ def head_path(model: nn.Module) -> str:
 
 
 def target_paths(model: nn.Module) -> tuple[str, list[str]]:
-    """("vit", every block projection) when the model has them, else ("conv", every backbone Conv2d)."""
+    """("vit", every block projection) when the model has them, ("convnext", its MLP Linears and downsample convs)
+    for a ConvNeXt, else ("conv", every backbone Conv2d)."""
     linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(VIT_TARGET, p)]
     if linears:
         return "vit", linears
+    kinds = (nn.Linear, nn.Conv2d)
+    convnext = [p for p, m in model.named_modules() if isinstance(m, kinds) and re.fullmatch(CONVNEXT_TARGET, p)]
+    if convnext:
+        return "convnext", convnext
     head = head_path(model)
     convs = [p for p, m in model.named_modules() if isinstance(m, nn.Conv2d) and not p.startswith(head)]
     return "conv", convs
@@ -61,7 +71,7 @@ def target_paths(model: nn.Module) -> tuple[str, list[str]]:
 
 def lora_config(family: str, form: str = "auto", init: str = "default") -> LoraConfig:
     """visionlora's config with the targets, rank and alpha the PEFT variant uses (qkv as one matrix, like PEFT)."""
-    targets = [VIT_TARGET] if family == "vit" else ["conv"]
+    targets = {"vit": [VIT_TARGET], "convnext": [CONVNEXT_TARGET]}.get(family, ["conv"])
     return LoraConfig(r=RANK, alpha=ALPHA, targets=targets, split_qkv=False, form=form, init=init)
 
 
@@ -82,11 +92,8 @@ def setup_variant(model: nn.Module, variant: str) -> tuple[nn.Module, dict]:
     elif variant == "peft":
         model = _setup_peft(model, paths)
     elif variant.startswith("visionlora"):
-        form = "activation" if variant == "visionlora_activation" else "auto"
-        inject_lora(model, lora_config(family, form=form))
+        inject_lora(model, lora_config(family, form=FORCED_FORMS.get(variant, "auto")))
         _check_adapted(set(lora_layers(model)), paths, variant)
-        forms = [layer.weight_form for layer in lora_layers(model).values()]
-        info["forms"] = {"weight": sum(forms), "activation": len(forms) - sum(forms)}
         if variant == "visionlora_gc":
             model.set_grad_checkpointing(True)
     else:
@@ -118,9 +125,8 @@ def random_batch(batch_size: int, image_size: int, seed: int) -> tuple[torch.Ten
     return images, labels
 
 
-def time_train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int,
-                     warmup: int) -> list[float]:
-    """Milliseconds of each timed forward + backward + AdamW step + zero_grad, after ``warmup`` untimed ones."""
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward + AdamW step (trainable parameters only) + zero_grad of ``model``, as a callable."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR) if trainable else None
     model.train()
@@ -133,6 +139,13 @@ def time_train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def time_train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int,
+                     warmup: int) -> list[float]:
+    """Milliseconds of each timed training step (:func:`train_step`), after ``warmup`` untimed ones."""
+    step = train_step(model, images, labels)
     for _ in range(warmup):
         step()
     times = []
@@ -141,6 +154,50 @@ def time_train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         step()
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def run_interleaved(spec: dict) -> dict:
+    """Several training variants in ONE process, one step of each per round in rotating order, so load from other
+    processes and drift hit all of them alike; each variant's median and its median per-round ratio to the floor."""
+    steps, forms = {}, {}
+    for variant in spec["variants"]:
+        model, info = setup_variant(build_model(spec["model"], spec["image_size"], spec["seed"]), variant)
+        images, labels = random_batch(spec["batch_size"], spec["image_size"], spec["seed"])
+        images.requires_grad_(info.pop("input_grad", False))
+        steps[variant] = train_step(model, images, labels)
+        if variant.startswith("visionlora"):
+            steps[variant]()  # form='auto' measures on the first training step: before timing
+            forms[variant] = count_forms(model)
+    before = cpu_snapshot()
+    times = time_interleaved(steps, rounds=spec["steps"], warmup=spec["warmup"])
+    floor = times.get(FLOOR_VARIANT)
+    result = {"other_cpu_share": other_cpu_share(before, cpu_snapshot()), "forms": forms}
+    for variant, values in times.items():
+        result[variant] = {**summarize(values), "times_ms": values}
+        if floor:
+            per_round = [t / f for t, f in zip(values, floor, strict=True)]
+            result[variant]["over_floor"] = statistics.median(per_round)
+    return result
+
+
+def count_forms(model: nn.Module) -> dict[str, int]:
+    """How many LoRA layers run in each form (fused / weight / activation)."""
+    names = [layer.form_name() for layer in lora_layers(model).values()]
+    return {form: names.count(form) for form in ("fused", "weight", "activation")}
+
+
+def profile_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """The top operators of one more training step (no optimizer) by self CPU time, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.cross_entropy(model(images), labels).backward()
+    images.grad = None
+    model.zero_grad(set_to_none=True)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in events[:PROFILE_ROWS]]
 
 
 def summarize(times_ms: list[float]) -> dict:
@@ -183,6 +240,10 @@ def run_train(spec: dict) -> dict:
     rss_before = current_rss_mb()
     before = cpu_snapshot()
     times = time_train_steps(model, images, labels, spec["steps"], spec["warmup"])
+    if spec["variant"].startswith("visionlora"):
+        info["forms"] = count_forms(model)  # after the warmup steps, where form='auto' measured
+    if spec.get("profile"):
+        info["profile"] = profile_step(model, images, labels)
     return {
         **summarize(times),
         "other_cpu_share": other_cpu_share(before, cpu_snapshot()),
@@ -254,6 +315,7 @@ def run_worker(spec_json: str) -> None:
     """Entry point of a worker process: run the spec and print ``RESULT <json>`` as the last stdout line."""
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
-    result = run_inference(spec) if spec["kind"] == "inference" else run_train(spec)
+    runners = {"inference": run_inference, "interleaved": run_interleaved, "train": run_train}
+    result = runners[spec["kind"]](spec)
     result.update(threads=torch.get_num_threads())
     print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -4,7 +4,8 @@
 
 Builds the model (random weights unless --pretrained), injects LoRA, prints the per-layer table, then checks on a
 random batch that the output is unchanged at init and that merged == unmerged after perturbing the factors. A bad
-LoRA config (an unknown field, a value out of range) is one line ``error: ...`` and exit code 2.
+LoRA config (an unknown field, a value out of range) is one line ``error: ...`` and exit code 2. ``--train-step``
+runs one training step first, so the ``form`` column shows what ``form='auto'`` measured (``?``: not yet).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the hub)")
     parser.add_argument("--image-size", type=int, default=None, help="input size for the checks")
+    parser.add_argument("--form", choices=["auto", "activation", "weight", "fused"], help="LoraConfig.form")
+    parser.add_argument("--train-step", action="store_true",
+                        help="run one training step first, so the table shows the forms form='auto' measured")
     return parser.parse_args(argv)
 
 
@@ -39,7 +43,7 @@ def lora_config(args: argparse.Namespace) -> LoraConfig:
     fields = {"targets": ["attn-qv"]}
     if args.config:
         fields.update(read_lora_fields(Path(args.config)))
-    overrides = {"targets": args.targets, "r": args.r, "alpha": args.alpha}
+    overrides = {"targets": args.targets, "r": args.r, "alpha": args.alpha, "form": args.form}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return LoraConfig(**fields)
 
@@ -82,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             inject_lora(model, config)
         except ValueError as error:  # targets that match nothing in this model
             return fail(error)
+        if args.train_step:
+            with torch.enable_grad():  # form='auto' times the forms on the first training step (train mode, grads)
+                model.train()(x).sum().backward()
+            model.eval().zero_grad(set_to_none=True)
         print(lora_summary(model))
         at_init = model(x)
         for name, param in model.named_parameters():

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 INITS = ("default", "gaussian", "small-random", "pissa")
-FORMS = ("auto", "activation", "weight")
+FORMS = ("auto", "activation", "weight", "fused")
 QKV_SLICES = "qkv"
 # A target may end with "@" plus a subset of "qkv" to adapt only those slices of a fused qkv projection.
 SLICE_SEPARATOR = "@"
@@ -60,8 +60,12 @@ class LoraConfig:
         freeze_bn_stats: Keep BatchNorm running statistics frozen (eval mode) while the backbone is frozen.
         split_qkv: Give each of q, k, v of a fused qkv Linear its own factors (Hu et al.'s setting). False
             treats the fused weight as one matrix, as PEFT does.
-        form: ``auto`` picks per layer the cheaper of the activation-space form (x·Aᵀ·Bᵀ) and the weight-space
-            form (op(x, W + ΔW)); ``activation`` or ``weight`` force one. Results agree to float rounding.
+        form: ``auto`` times per layer, on the first training step, the forms the layer has: the activation-space
+            form (op(x) + x·Aᵀ·Bᵀ), the weight-space form (op(x, W + ΔW)) and the fused form (A rides in the
+            frozen op's own GEMM/conv, see ``visionlora/lora/fused.py``), which wins unless another is 25% faster;
+            ``activation``, ``weight`` or ``fused`` force one (``fused`` falls back to what ``auto`` picks among
+            the others where a layer has none: DoRA, dropout, StdConv2d/Conv2dSame). Results agree to float
+            rounding.
     """
 
     r: int = 8

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .fused import CONV_SUBCLASS_REASON, fused_conv2d, slot_blocker
 from .layer import DEFAULT_ADAPTER, Factors, LoraLayer, new_factor
 from .per_sample import add_conv_deltas_, conv_supports_per_sample
 
@@ -44,8 +45,17 @@ class LoraConv2d(LoraLayer):
 
     def measures_form(self) -> bool:
         # conv(x, W + ΔW) costs a full weight gradient; conv_B(conv_A(x)) is cheap in FLOPs, but a k×k conv with
-        # r output channels can run slowly on CPU kernels. Which wins depends on shape and device: measure it.
+        # r output channels can run slowly on CPU kernels; the fused form pays neither. Which wins depends on shape
+        # and device: measure it (until then: the weight form, one op).
         return True
+
+    def fused_blocker(self, slot: nn.Module) -> str | None:
+        if type(self.base_layer) is not nn.Conv2d:
+            return CONV_SUBCLASS_REASON.format(name=type(self.base_layer).__name__)
+        return slot_blocker(slot)
+
+    def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
+        return fused_conv2d(self.base_layer, x, slot.lora_A, slot.lora_B, slot.scale)
 
     def factors(self, adapter: str | nn.Module | None = None) -> list[Factors]:
         slot = self.slot(adapter)

@@ -22,7 +22,9 @@ from torch import nn
 
 DEFAULT_ADAPTER = "default"
 # The per-adapter settings of a slot (besides its tensors): the adapter named "default" keeps them on the layer.
-SLOT_SETTINGS = ("rank", "scale", "use_dora", "lora_dropout", "weight_form", "form_pending", "_merged_norm")
+SLOT_SETTINGS = ("rank", "scale", "use_dora", "lora_dropout", "weight_form", "fused_form", "form_pending",
+                 "_merged_norm")
+FORM_NAMES = ("activation", "weight", "fused")
 
 @dataclass
 class Factors:
@@ -59,8 +61,13 @@ class LoraLayer(nn.Module):
 
     Subclasses implement ``build_factors(slot, rank, ...)``, ``factors(adapter)``, ``base_weight()``,
     ``activation_delta(x, adapter)`` (the LoRA branch applied to activations) and ``forward_with_weight(x, weight)``
-    (the base op with a substituted weight). Every per-adapter method takes ``adapter``: None for the active one,
-    a name, or a slot (built by :meth:`new_slot`, possibly not yet added).
+    (the base op with a substituted weight); those with a fused form (:mod:`visionlora.lora.fused`) also
+    ``fused_forward(x, slot)`` and ``fused_blocker(slot)``. Every per-adapter method takes ``adapter``: None for
+    the active one, a name, or a slot (built by :meth:`new_slot`, possibly not yet added).
+
+    A slot runs in one of three forms, all equal to float rounding: ``weight`` op(x, W + ΔW), ``activation``
+    op(x) + s·x·Aᵀ·Bᵀ, ``fused`` (A rides in the base op, see :mod:`visionlora.lora.fused`). ``form='auto'``
+    times the forms the slot supports on its first training step (:func:`measure_faster_form`).
     """
 
     supports_activation_form = True
@@ -90,6 +97,13 @@ class LoraLayer(nn.Module):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def fused_blocker(self, slot: nn.Module) -> str | None:
+        """Why ``slot`` has no fused form on this layer, or None when it has one."""
+        return f"{type(self).__name__} has no fused form"
+
+    def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
     def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor,
                            adapter: str | nn.Module | None = None) -> torch.Tensor:
         """base(x) + activation_delta(lora_input), the delta added in place: the base output is fresh and nothing
@@ -109,9 +123,12 @@ class LoraLayer(nn.Module):
         # No dropout module when p == 0: nn.Dropout(0) still copies its input in training mode.
         slot.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
         slot.use_dora = use_dora
-        slot.weight_form = self._resolve_form(form, slot)
-        # form='auto' on a layer that has both forms and no clear winner: time both on the first training step.
-        slot.form_pending = form == "auto" and self.measures_form() and self._has_both_forms(slot)
+        slot.fused_form = form == "fused" and self.fused_blocker(slot) is None
+        # form='fused' where the layer has none: what 'auto' would choose among the other forms.
+        slot.weight_form = self._resolve_form("auto" if form == "fused" else form, slot)
+        slot.weight_form = slot.weight_form and not slot.fused_form
+        # form='auto' (or 'fused' without one) where several forms exist: time them on the first training step.
+        slot.form_pending = form in ("auto", "fused") and not slot.fused_form and len(self.candidate_forms(slot)) > 1
         slot._merged_norm = None
         if use_dora:
             weight = self.base_weight()
@@ -187,8 +204,10 @@ class LoraLayer(nn.Module):
     def slot_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
         """The unmerged forward pass with one adapter, in its form."""
         if slot.form_pending and self.training and torch.is_grad_enabled():
-            slot.weight_form = measure_faster_form(self, x, slot)
-            slot.form_pending = False
+            chosen = measure_faster_form(self, x, slot)
+            slot.weight_form, slot.fused_form, slot.form_pending = chosen == "weight", chosen == "fused", False
+        if slot.fused_form and not self.base_weight().requires_grad:
+            return self.fused_forward(x, slot)
         if slot.weight_form:
             return self.forward_with_weight(x, self.adapted_weight(slot))
         lora_input = slot.lora_dropout(x) if slot.lora_dropout is not None else x
@@ -227,17 +246,32 @@ class LoraLayer(nn.Module):
         # Dropout draws a mask per group's rows in training: the per-group loop keeps that exact.
         return not (self.training and any(slot is not None and slot.lora_dropout is not None for slot in slots))
 
-    def forward_in_form(self, x: torch.Tensor, weight_form: bool, adapter: str | nn.Module | None = None
+    def forward_in_form(self, x: torch.Tensor, form: str | bool, adapter: str | nn.Module | None = None
                         ) -> torch.Tensor:
-        """The unmerged forward pass in the given form (both give the same result up to float rounding); the
-        activation form is the very path :meth:`forward` takes, so timing it measures what will run."""
+        """The unmerged forward pass in ``form`` (a name of :data:`FORM_NAMES`; True/False: weight/activation).
+        All forms give the same result up to float rounding, and each is the very path :meth:`forward` takes, so
+        timing it measures what will run."""
         slot = self.slot(adapter)
-        if weight_form:
+        form = {True: "weight", False: "activation"}.get(form, form)
+        if form == "weight":
             return self.forward_with_weight(x, self.adapted_weight(slot))
+        if form == "fused":
+            return self.fused_forward(x, slot)
         return self.activation_forward(x, x, slot)
 
-    def _has_both_forms(self, slot: nn.Module) -> bool:
-        return self.supports_activation_form and not slot.use_dora and slot.lora_dropout is None
+    def candidate_forms(self, slot: nn.Module) -> list[str]:
+        """The forms ``form='auto'`` chooses among for ``slot`` (the weight form always exists)."""
+        forms = ["weight"] if slot.lora_dropout is None else []
+        if self.supports_activation_form and not slot.use_dora:
+            forms.append("activation")
+        if self.fused_blocker(slot) is None:
+            forms.append("fused")
+        return forms
+
+    def form_name(self, adapter: str | nn.Module | None = None) -> str:
+        """The form ``adapter``'s slot runs in: ``fused``, ``weight`` or ``activation``."""
+        slot = self.slot(adapter)
+        return "fused" if slot.fused_form else "weight" if slot.weight_form else "activation"
 
     def _resolve_form(self, form: str, slot: nn.Module) -> bool:
         """True for the weight-space form op(x, W + ΔW), False for the activation-space form op(x) + x·Aᵀ·Bᵀ."""
@@ -255,7 +289,7 @@ class LoraLayer(nn.Module):
         return form == "weight"
 
     def measures_form(self) -> bool:
-        """Whether ``form='auto'`` times both forms on the first training step (else: activation form)."""
+        """Whether ``form='auto'`` runs the weight form until it has measured (else: the activation form)."""
         return False
 
     # ----- ΔW and merge -------------------------------------------------------------------------------------
@@ -362,7 +396,7 @@ class LoraLayer(nn.Module):
         text = f"adapters={names}, active={self.active_adapter!r}" if names != [DEFAULT_ADAPTER] else ""
         if slot is not None:
             ranks = ",".join(str(p.rank) for p in self.factors(slot))
-            form = "weight" if slot.weight_form else "activation"
+            form = self.form_name(slot) + ("?" if slot.form_pending else "")
             own = f"rank={ranks}, scale={slot.scale:g}, form={form}, dora={slot.use_dora}, merged={self.merged}"
             text = f"{own}, {text}" if text else own
         return text
@@ -388,28 +422,38 @@ def _move_members(slot: nn.Module, layer: LoraLayer) -> None:
             layer.add_module(name, module)
 
 
+# A form must be this fraction faster than the fused form to be chosen over it: the fused form needs the fewest FLOPs
+# (no weight gradient, no thin k×k conv in forward, three thin GEMMs instead of six), so a smaller gap is taken
+# for noise: with 10%, single-layer timings on a loaded 2-core machine still flipped 10-20% of the layers.
+FUSED_MARGIN = 0.25
+
+
 def measure_faster_form(layer: LoraLayer, x: torch.Tensor, adapter: str | nn.Module | None = None,
-                        repeats: int = 2) -> bool:
-    """Time forward + backward of both forms on ``x`` (best of ``repeats``); True if the weight form is faster.
+                        repeats: int = 3) -> str:
+    """Time forward + backward of each of the slot's :meth:`~LoraLayer.candidate_forms` on ``x`` (best of
+    ``repeats``, the forms taken in turn so drift hits all alike); the name of the fastest, where the fused form
+    wins unless another is :data:`FUSED_MARGIN` (25%) faster.
 
     Which form wins depends on the layer's shape, the batch and the device's kernels (a thin k×k conv with r output
-    channels is cheap in FLOPs but often slow on CPUs), so it is measured, as cudnn.benchmark does for algorithms.
+    channels is cheap in FLOPs but often slow on CPUs; the fused form's extra r GEMM columns cost little where the
+    kernel is efficient), so it is measured, as cudnn.benchmark does for algorithms.
     """
     slot = layer.slot(adapter)
     probe = x.detach().requires_grad_(x.requires_grad)
     inputs = [probe] if probe.requires_grad else []
     inputs += [p for p in slot.parameters() if p.requires_grad]
-    timings = {}
-    for weight_form in (False, True):
-        best = float("inf")
-        for _ in range(repeats):
+    forms = layer.candidate_forms(slot)
+    timings = dict.fromkeys(forms, float("inf"))
+    for _ in range(repeats):
+        for form in forms:
             start = time.perf_counter()
-            out = layer.forward_in_form(probe, weight_form, slot)
+            out = layer.forward_in_form(probe, form, slot)
             if inputs:
                 torch.autograd.grad(out, inputs, grad_outputs=torch.ones_like(out), allow_unused=True)
-            best = min(best, time.perf_counter() - start)
-        timings[weight_form] = best
-    return timings[True] < timings[False]
+            timings[form] = min(timings[form], time.perf_counter() - start)
+    if "fused" in timings:
+        timings["fused"] *= 1.0 - FUSED_MARGIN
+    return min(forms, key=timings.__getitem__)
 
 
 def _init_pair(pair: Factors, init: str) -> None:

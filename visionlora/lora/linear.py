@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import fused_linear, slot_blocker
 from .layer import DEFAULT_ADAPTER, Factors, LoraLayer, new_factor
 from .per_sample import add_linear_deltas_
 
@@ -49,6 +50,14 @@ class LoraLinear(LoraLayer):
         pairs = [None if slot is None else (slot.lora_A, slot.lora_B, slot.scale) for slot in slots]
         add_linear_deltas_(out, x, pairs, sample_group)
         return True
+
+    def fused_blocker(self, slot: nn.Module) -> str | None:
+        return slot_blocker(slot)
+
+    def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
+        base = self.base_layer
+        rows = [slice(0, base.out_features)]
+        return fused_linear(x, base.weight, base.bias, slot.lora_A, [slot.lora_B], rows, slot.scale)
 
     def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor,
                            adapter: str | nn.Module | None = None) -> torch.Tensor:
@@ -148,3 +157,14 @@ class LoraFusedQKV(LoraLayer):
                  for slot in slots]
         add_linear_deltas_(out, x, pairs, sample_group)
         return True
+
+    def fused_blocker(self, slot: nn.Module) -> str | None:
+        return slot_blocker(slot)
+
+    def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
+        # Every slice's A in one block: the base GEMM gains rank·n_slices columns; B stays per slice (block-sparse).
+        slices = slot.lora_slices
+        pairs = slices.factors()
+        base = self.base_layer
+        bs = [pair.B for pair in pairs]
+        return fused_linear(x, base.weight, base.bias, slices.stacked_A(), bs, [p.rows for p in pairs], slot.scale)

@@ -1,4 +1,5 @@
-"""A per-layer table of what LoRA adapted and what it costs: ranks, parameter counts and the reduction factor."""
+"""A per-layer table of what LoRA adapted and what it costs: ranks, forms, parameter counts and the reduction
+factor."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class LayerRow:
     rank: int
     base_params: int
     lora_params: int
+    form: str = "activation"  # fused / weight / activation; "?" appended while form='auto' has not measured yet
 
     @property
     def reduction(self) -> float:
@@ -47,11 +49,11 @@ class LoraSummary:
 
     def __str__(self) -> str:
         width = max([len("layer")] + [len(r.path) for r in self.rows])
-        header = f"{'kind':<13} {'weight':<18} {'rank':>4} {'base':>12} {'lora':>10} {'reduction':>9}"
+        header = f"{'kind':<13} {'weight':<18} {'rank':>4} {'form':<11} {'base':>12} {'lora':>10} {'reduction':>9}"
         lines = [f"{'layer':<{width}}  {header}"]
         for r in self.rows:
             shape = "x".join(map(str, r.weight_shape))
-            lines.append(f"{r.path:<{width}}  {r.kind:<13} {shape:<18} {r.rank:>4} {r.base_params:>12,} "
+            lines.append(f"{r.path:<{width}}  {r.kind:<13} {shape:<18} {r.rank:>4} {r.form:<11} {r.base_params:>12,} "
                          f"{r.lora_params:>10,} {r.reduction:>8.1f}x")
         lines.append(f"{len(self.rows)} adapted layers: {self.lora_params:,} LoRA parameters for "
                      f"{self.adapted_base_params:,} adapted weights ({self.reduction:.1f}x fewer)")
@@ -74,7 +76,8 @@ def lora_summary(model: nn.Module) -> LoraSummary:
         kind = type(layer).__name__.removeprefix("Lora")
         if "lora_slices" in slot._modules:
             kind += f"[{slot.lora_slices.slices}]"
-        rows.append(LayerRow(path, kind, tuple(weight.shape), slot.rank, base, layer.lora_parameter_count(slot)))
+        form = layer.form_name(slot) + ("?" if slot.form_pending else "")
+        rows.append(LayerRow(path, kind, tuple(weight.shape), slot.rank, base, layer.lora_parameter_count(slot), form))
     params = list(model.parameters())
     return LoraSummary(
         rows=rows,
