@@ -75,7 +75,10 @@ class FewShotDataModule(L.LightningDataModule):
             character rendered like a digit; ``root`` is the folder of the Omniglot archives), ``"omniglot"``
             (pretraining data for the Omniglot one-shot runs: all 292 background-small characters in the
             ``"centred"`` 28 px render, drawers 1-16 as the training pool and drawers 17-20 as the test set, see
-            :func:`~visionlora.data.sources.omniglot.omniglot_background_part`; ``root`` as for ``"digits+omniglot"``)
+            :func:`~visionlora.data.sources.omniglot.omniglot_background_part`; ``root`` as for ``"digits+omniglot"``),
+            ``"omniglot-unique"`` (the same with each of the 242 distinct characters once: Greek and Latin are in
+            both splits) and ``"omniglot-dev"`` (those without the validation alphabets, for recipe search; see
+            :func:`~visionlora.data.sources.omniglot.omniglot_background_unique`)
             or ``"torchvision:<name>"`` (``pets``, ``flowers102``, ``aircraft``, ``food101``, ``cars``: torchvision's
             dataset under ``root`` in its own layout, its official train(val) and test splits; no download).
         root: Folder of the ImageFolder dataset, of the Omniglot archives or of the torchvision dataset; must be left

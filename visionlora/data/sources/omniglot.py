@@ -49,6 +49,10 @@ CENTRED_MARGIN = 0.1
 DRAWERS = 20
 TRAIN_DRAWERS = range(1, 17)
 TEST_DRAWERS = range(17, 21)
+# Two background-small alphabets held out of the validation backbones' pretraining: the within-alphabet 20-way
+# 1-shot validation episodes (omniglot_validation_episodes) are drawn from them. They are the two alphabets of at
+# least 20 characters that appear in one split only (Greek and Latin are in both; Tagalog has 17 characters).
+VALIDATION_ALPHABETS = ("Balinese", "Early_Aramaic")
 RUNS_ARCHIVE = "all_runs"
 NUM_RUNS = 20
 RUN_WAYS = 20
@@ -116,6 +120,74 @@ def omniglot_background_part(root: str | Path, part: str = "train", render: str 
     images, labels, names, files = _cached_read_background(str(root), BACKGROUND_SMALL, render)
     keep = np.flatnonzero(np.isin(_drawers(files), drawers[part]))
     return images[keep], labels[keep], list(names), [files[i] for i in keep]
+
+
+def omniglot_background_unique(root: str | Path, part: str = "train", render: str = "centred",
+                                exclude_alphabets: Sequence[str] = ()
+                                ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """:func:`omniglot_background_part` with each character once and ``exclude_alphabets`` left out.
+
+    The two background-small splits share two alphabets: Greek (24 characters) and Latin (26) are in both, with
+    byte-identical images, so the 292 split-named classes are 242 characters and 50 of them appear twice (two
+    softmax classes with the same images). Here the second split's copy is dropped (names stay
+    ``split/alphabet/char`` of the copy kept), and every character of an excluded alphabet (by alphabet name, in
+    either split) is left out: the pretraining set of the validation backbones excludes ``VALIDATION_ALPHABETS``.
+
+    Returns:
+        ``(images, labels 0..C-1, class names, archive paths)`` of drawers ``TRAIN_DRAWERS`` or ``TEST_DRAWERS``.
+    """
+    images, labels, names, files = omniglot_background_part(root, part, render)
+    unknown = sorted(set(exclude_alphabets) - {name.split("/")[1] for name in names})
+    if unknown:
+        raise ValueError(f"omniglot: exclude_alphabets {unknown} are not background-small alphabets")
+    kept, seen = [], set()
+    for label, name in enumerate(names):
+        character = tuple(name.split("/")[1:])
+        if character[0] not in exclude_alphabets and character not in seen:
+            kept.append(label)
+        seen.add(character)
+    relabel = np.full(len(names), -1, dtype=np.int64)
+    relabel[kept] = np.arange(len(kept))
+    rows = np.flatnonzero(relabel[labels] >= 0)
+    return images[rows], relabel[labels[rows]], [names[i] for i in kept], [files[i] for i in rows]
+
+
+def omniglot_validation_episodes(root: str | Path, episodes: int = 30, seed: int = 0,
+                                 alphabets: Sequence[str] = VALIDATION_ALPHABETS, ways: int = RUN_WAYS,
+                                 render: str = "centred") -> list[OneShotRun]:
+    """Within-alphabet ``ways``-way 1-shot episodes in the official runs' style, from background alphabets.
+
+    Episode ``e`` (drawn with ``numpy.random.default_rng([seed, e])``) takes the alphabet ``alphabets[e % len]``,
+    ``ways`` of its characters, one support drawer and another query drawer: one support image per character from
+    the first drawer, one query image per character from the second, queries in a shuffled order. Only the
+    validation backbones' pretraining (``omniglot-dev``) leaves these alphabets out; a backbone trained on all
+    background characters has seen them.
+
+    Returns:
+        ``episodes`` :class:`OneShotRun` (``run_id`` = episode number), support labels ``0..ways-1``.
+    """
+    if episodes < 1 or ways < 2:
+        raise ValueError(f"omniglot: validation episodes need episodes >= 1 and ways >= 2, got {episodes}, {ways}")
+    images, labels, names, files = _cached_read_background(str(root), BACKGROUND_SMALL, render)
+    drawers = _drawers(files)
+    by_alphabet = {a: [c for c, name in enumerate(names) if name.split("/")[1] == a] for a in alphabets}
+    for alphabet, characters in by_alphabet.items():
+        if len(characters) < ways:
+            raise ValueError(f"omniglot: validation alphabet {alphabet!r} has {len(characters)} characters in "
+                             f"{BACKGROUND_SMALL}, a {ways}-way episode needs {ways}")
+    lookup = {(int(c), int(d)): i for i, (c, d) in enumerate(zip(labels, drawers, strict=True))}
+    runs = []
+    for episode in range(episodes):
+        rng = np.random.default_rng([seed, episode])
+        characters = np.sort(rng.choice(by_alphabet[alphabets[episode % len(alphabets)]], ways, replace=False))
+        support_drawer, query_drawer = rng.choice(np.arange(1, DRAWERS + 1), 2, replace=False)
+        order = rng.permutation(ways)
+        support = [lookup[(int(c), int(support_drawer))] for c in characters]
+        query = [lookup[(int(characters[k]), int(query_drawer))] for k in order]
+        runs.append(OneShotRun(run_id=episode, train_images=images[support],
+                               train_labels=np.arange(ways, dtype=np.int64), test_images=images[query],
+                               test_labels=order.astype(np.int64)))
+    return runs
 
 
 def omniglot_one_shot_runs(root: str | Path, render: str = "centred") -> list[OneShotRun]:
@@ -369,6 +441,25 @@ def _background_pools(options: SourceOptions) -> ClassificationPools:
                                partial(list, files))
 
 
+def _unique_pools(options: SourceOptions, exclude: tuple[str, ...] = ()) -> ClassificationPools:
+    images, labels, names, files = omniglot_background_unique(options.root, "train", exclude_alphabets=exclude)
+    test_images, test_labels, _, _ = omniglot_background_unique(options.root, "test", exclude_alphabets=exclude)
+    return ClassificationPools(names, LabelledImages(images, labels), LabelledImages(test_images, test_labels), None,
+                               partial(list, files))
+
+
+def _unique_classes(options: SourceOptions, exclude: tuple[str, ...] = ()) -> list[str]:
+    names = omniglot_background_class_names(options.root)
+    seen: set[tuple[str, ...]] = set()
+    kept = []
+    for name in names:
+        character = tuple(name.split("/")[1:])
+        if character[0] not in exclude and character not in seen:
+            kept.append(name)
+        seen.add(character)
+    return kept
+
+
 _ROOT_HELP = "the folder of images_background_small1.zip and images_background_small2.zip or their folders"
 # Pretraining data for the digits task: the digits of ``classes`` and every background-small character rendered
 # like a digit; the test split holds only the digits.
@@ -389,4 +480,22 @@ OMNIGLOT = ClassificationSource(
     selection_column="omniglot_file",
     root_help=_ROOT_HELP,
     preprocessing={**digits.STROKE_PREPROCESSING, "affine": True},
+)
+# The same drawers with each of the 242 distinct characters once (Greek and Latin are in both splits).
+OMNIGLOT_UNIQUE = ClassificationSource(
+    name="omniglot-unique",
+    list_classes=_unique_classes,
+    read=_unique_pools,
+    selection_column="omniglot_file",
+    root_help=_ROOT_HELP,
+    preprocessing=OMNIGLOT.preprocessing,
+)
+# Recipe search: the distinct characters without VALIDATION_ALPHABETS, whose episodes validate the backbone.
+OMNIGLOT_DEV = ClassificationSource(
+    name="omniglot-dev",
+    list_classes=partial(_unique_classes, exclude=VALIDATION_ALPHABETS),
+    read=partial(_unique_pools, exclude=VALIDATION_ALPHABETS),
+    selection_column="omniglot_file",
+    root_help=_ROOT_HELP,
+    preprocessing=OMNIGLOT.preprocessing,
 )
