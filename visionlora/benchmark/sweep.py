@@ -17,6 +17,7 @@ from .methods import MethodSpec, parse_method
 from .plots import plot_accuracy_vs_params, plot_accuracy_vs_shots, plot_error_with_references
 from .protocols import (
     NUM_RUNS,
+    ONE_SHOT_PROTOCOLS,
     PROTOCOLS,
     CellKey,
     check_runs_root,
@@ -24,6 +25,7 @@ from .protocols import (
     episodic_cells,
     kshot_cells,
     omniglot_cells,
+    omniglot_validation_cells,
     runs_preprocessing,
 )
 from .results import ResultsLog, markdown_table, summarise
@@ -90,10 +92,12 @@ class SweepConfig:
         config = cls(**values)
         if config.protocol not in PROTOCOLS:
             raise ValueError(f"{source}: protocol must be one of {PROTOCOLS}, got {config.protocol!r}")
-        if config.root is None and (config.protocol == "omniglot" or config.dataset != "digits"):
+        if config.root is None and (config.protocol in ONE_SHOT_PROTOCOLS or config.dataset != "digits"):
             # Shipped configs name no dataset folder outside the repository: the caller passes it.
-            what = ("the folder holding Omniglot's all_runs.zip" if config.protocol == "omniglot"
-                    else f"the folder of dataset {config.dataset!r}")
+            what = {"omniglot": "the folder holding Omniglot's all_runs.zip",
+                    "omniglot-validation": "the folder holding images_background_small1.zip and "
+                                           "images_background_small2.zip"}.get(
+                config.protocol, f"the folder of dataset {config.dataset!r}")
             raise ValueError(f"{source}: root is not set; pass --root DIR ({what})")
         for method in config.methods:
             parse_method(method)  # fail before any training on a misspelt method
@@ -200,8 +204,10 @@ def write_report(config: SweepConfig, summary: list[dict], out: Path, weights_sh
     ``total`` (an interrupted sweep) the summary's first line and the plot titles say "k of n cells".
     """
     omniglot = config.protocol == "omniglot"
-    table = markdown_table(summary, error_rate=omniglot, order=config.methods)
-    dataset = "omniglot (official runs)" if omniglot else config.dataset
+    one_shot = config.protocol in ONE_SHOT_PROTOCOLS
+    table = markdown_table(summary, error_rate=one_shot, order=config.methods)
+    dataset = {"omniglot": "omniglot (official runs)", "omniglot-validation": "omniglot (validation episodes from "
+               "held-out background alphabets)"}.get(config.protocol, config.dataset)
     digest = f", sha256 {weights_sha256[:12]}" if weights_sha256 else ""
     weights = f" ({config.pretrained_file}{digest})" if config.pretrained_file else ""
     partial = finished is not None and total is not None and finished < total
@@ -209,7 +215,7 @@ def write_report(config: SweepConfig, summary: list[dict], out: Path, weights_sh
              f"rest).", ""] if partial else []
     lines += [f"# {config.name}: {config.protocol} on {dataset}, backbone {config.backbone}{weights}", "",
               f"{config.steps} AdamW steps per cell, batch {config.batch_size}; mean ± 95% CI (Student t) over "
-              f"{'runs' if omniglot else 'episodes' if config.protocol == 'episodic' else 'seeds'}"
+              f"{'runs' if omniglot else 'episodes' if config.protocol != 'kshot' else 'seeds'}"
               f"{f'; {total} cells' if total is not None and not partial else ''}.", "", table]
     if omniglot:
         lines += ["", "Published references (20-way 1-shot error %, same 20 runs):", "",
@@ -219,11 +225,13 @@ def write_report(config: SweepConfig, summary: list[dict], out: Path, weights_sh
     if not summary:
         return
     marker = f" (partial: {finished} of {total} cells)" if partial else ""
-    if omniglot:
+    if one_shot:
         order = {m: i for i, m in enumerate(config.methods)}
         ordered = sorted(summary, key=lambda s: order.get(s["method"], len(order)))
-        plot_error_with_references(ordered, OMNIGLOT_REFERENCES, out / "error_vs_references.png",
-                                   f"Omniglot 20-way 1-shot, 20 official runs{marker}")
+        # The published figures are on the official runs only; the validation plot has no references beside it.
+        references, what = (OMNIGLOT_REFERENCES, "20 official runs") if omniglot else ({}, "validation episodes")
+        plot_error_with_references(ordered, references, out / "error_vs_references.png",
+                                   f"Omniglot 20-way 1-shot, {what}{marker}")
         return
     title = f"{config.dataset}, {config.backbone}{marker}"
     plot_accuracy_vs_shots(summary, out / "accuracy_vs_shots.png", title)
@@ -235,6 +243,9 @@ def _cells(config: SweepConfig, backbone: Backbone) -> tuple[dict, list[tuple[Ce
         check_runs_root(config.root)
         raw = any(parse_method(method).method == "raw-nn" for method in config.methods)
         cells = list(omniglot_cells(config.root, config.runs, raw=raw))
+        return runs_preprocessing(_backbone_data_config(backbone)), cells
+    if config.protocol == "omniglot-validation":
+        cells = list(omniglot_validation_cells(config.root, config.episodes, config.seeds))
         return runs_preprocessing(_backbone_data_config(backbone)), cells
     data = data_module(config.dataset, config.root, config.classes)
     data.set_data_config(_backbone_data_config(backbone))
@@ -248,7 +259,7 @@ def _cells(config: SweepConfig, backbone: Backbone) -> tuple[dict, list[tuple[Ce
 # silently ignored. The Omniglot runs are 1-shot: shots may only be [1] there.
 PROTOCOL_FIELDS = {"kshot": ("shots", "seeds", "dataset", "classes"),
                    "episodic": ("ways", "shots", "queries", "episodes", "dataset", "classes"),
-                   "omniglot": ("runs",)}
+                   "omniglot": ("runs",), "omniglot-validation": ("episodes", "seeds")}
 LIST_FIELDS = ("methods", "shots", "seeds", "runs")
 MINIMUM = {"shots": 1, "seeds": 0, "ways": 2, "queries": 1, "episodes": 1, "steps": 1, "batch_size": 1}
 
