@@ -13,6 +13,7 @@ resized and centre-cropped to the backbone's input size, mean/std-normalised).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ from visionlora.lora import LoraConfig
 # Targets per scope; "all" adapts what the family preset adapts: every linear layer of a ViT block, or every conv.
 SCOPES = {"attn": ["attn"], "all-vit": ["vit-all"], "all-conv": ["conv"]}
 METHOD_PATTERN = re.compile(r"(?P<kind>lora|dora)(-(?P<scope>attn|all))?-r(?P<rank>\d+)")
+# "<method>-cos" or "<method>-cos<scale>": the same method with a prototype-initialised cosine head.
+COSINE_PATTERN = re.compile(r"(?P<base>.+)-cos(?P<scale>\d+)?")
+COSINE_SCALE = 10.0  # the default temperature of a "-cos" head
 NAMED = ("ncm", "linear", "full", "scratch", "pixel-nn", "raw-nn")
 NEAREST_NEIGHBOUR = ("pixel-nn", "raw-nn")
 
@@ -41,6 +45,8 @@ class MethodSpec:
         head_lr: Learning rate of the classifier head.
         pretrained: Start from the backbone's pretrained weights; ``False`` (``scratch``) builds the same
             architecture from random initialisation.
+        cosine_scale: A cosine head of this scale (``LoraClassifier``'s ``cosine_scale``), initialised to the
+            cosine class means: the method starts at the cosine nearest-class-mean classifier. None: linear head.
     """
 
     name: str
@@ -51,6 +57,7 @@ class MethodSpec:
     lr: float = 3e-3
     head_lr: float = 3e-3
     pretrained: bool = True
+    cosine_scale: float | None = None
 
     @property
     def trains(self) -> bool:
@@ -76,8 +83,18 @@ def parse_method(name: str) -> MethodSpec:
     - ``scratch``: ``full`` from random initialisation (the backbone built without its pretrained weights), at the
       larger backbone learning rate random weights need.
 
+    Any of ``ncm``, ``linear``, ``full`` and the LoRA/DoRA names takes a ``-cos`` suffix (``lora-r2-cos``,
+    ``ncm-cos``; ``-cos16`` for scale 16): its head is the cosine head of the class means (``COSINE_SCALE``
+    unless given), so ``ncm-cos`` is the cosine nearest class mean and the others start from it.
+
     LoRA's ``alpha`` equals its rank (scale 1), so ranks compare at the same learning rate.
     """
+    cosine = COSINE_PATTERN.fullmatch(name)
+    if cosine is not None and cosine["base"] not in (*NEAREST_NEIGHBOUR, "scratch"):
+        scale = float(cosine["scale"]) if cosine["scale"] else COSINE_SCALE
+        if scale <= 0:
+            raise ValueError(f"method {name!r}: the cosine scale must be > 0")
+        return dataclasses.replace(parse_method(cosine["base"]), name=name, cosine_scale=scale)
     if name in ("ncm", *NEAREST_NEIGHBOUR):
         return MethodSpec(name, name)
     if name == "linear":
@@ -89,6 +106,7 @@ def parse_method(name: str) -> MethodSpec:
     match = METHOD_PATTERN.fullmatch(name)
     if match is None or int(match["rank"]) < 1:
         raise ValueError(f"unknown method {name!r}: use one of {', '.join(NAMED)}, or lora-r<rank>, "
-                         f"lora-attn-r<rank>, lora-all-r<rank>, dora-r<rank> (rank >= 1)")
+                         f"lora-attn-r<rank>, lora-all-r<rank>, dora-r<rank> (rank >= 1), each but the nearest "
+                         f"neighbours and scratch with an optional -cos or -cos<scale> suffix")
     return MethodSpec(name, "lora", rank=int(match["rank"]), scope=match["scope"] or "all",
                       use_dora=match["kind"] == "dora")
