@@ -78,3 +78,18 @@ def test_cos_suffix_parses_onto_any_head_method():
     for bad in ("pixel-nn-cos", "scratch-cos", "lora-cos"):
         with pytest.raises(ValueError, match="unknown method"):
             parse_method(bad)
+
+
+def test_the_cosine_margin_lowers_only_the_true_class_logit_in_the_training_loss():
+    module = _cosine(scale=10.0)
+    images, labels = _images()
+    with torch.no_grad():
+        logits = module(images)
+    module.log = lambda *args, **kwargs: None  # no trainer to log to
+    module.hparams.cosine_margin = 0.25
+    with torch.no_grad():
+        loss = module.training_step((images, labels), 0)
+    expected = F.cross_entropy(logits - 2.5 * F.one_hot(labels, 4), labels)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="cosine_margin needs a cosine head"):
+        LoraClassifier("test_resnet", 2, model_args={}, cosine_margin=0.2)

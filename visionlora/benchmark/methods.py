@@ -25,6 +25,9 @@ METHOD_PATTERN = re.compile(r"(?P<kind>lora|dora)(-(?P<scope>attn|all))?-r(?P<ra
 # "<method>-cos" or "<method>-cos<scale>": the same method with a prototype-initialised cosine head.
 COSINE_PATTERN = re.compile(r"(?P<base>.+)-cos(?P<scale>\d+)?")
 COSINE_SCALE = 10.0  # the default temperature of a "-cos" head
+# "<method>-lr<rate>" / "-hlr<rate>" (last): the method at another learning rate of its trained weights (LoRA
+# factors, backbone) or of its head, e.g. lora-r2-cos-hlr1e-4.
+LR_PATTERN = re.compile(r"(?P<base>.+)-(?P<which>h?lr)(?P<lr>\d+(\.\d+)?(e-?\d+)?)")
 NAMED = ("ncm", "linear", "full", "scratch", "pixel-nn", "raw-nn")
 NEAREST_NEIGHBOUR = ("pixel-nn", "raw-nn")
 
@@ -87,8 +90,21 @@ def parse_method(name: str) -> MethodSpec:
     ``ncm-cos``; ``-cos16`` for scale 16): its head is the cosine head of the class means (``COSINE_SCALE``
     unless given), so ``ncm-cos`` is the cosine nearest class mean and the others start from it.
 
+    Last come ``-lr<rate>`` (``lora-r2-cos-lr1e-3``: the learning rate of the LoRA factors or, for ``full``, the
+    backbone) and ``-hlr<rate>`` (the head's; for ``linear`` both are the head's), in any order, for methods that
+    train.
+
     LoRA's ``alpha`` equals its rank (scale 1), so ranks compare at the same learning rate.
     """
+    rate = LR_PATTERN.fullmatch(name)
+    if rate is not None:
+        base = parse_method(rate["base"])
+        if not base.trains or float(rate["lr"]) <= 0:
+            raise ValueError(f"method {name!r}: -lr<rate> needs a method that trains and a rate > 0")
+        value = float(rate["lr"])
+        both = base.method == "linear"
+        changes = {"lr": value, "head_lr": value} if both else {"head_lr" if rate["which"] == "hlr" else "lr": value}
+        return dataclasses.replace(base, name=name, **changes)
     cosine = COSINE_PATTERN.fullmatch(name)
     if cosine is not None and cosine["base"] not in (*NEAREST_NEIGHBOUR, "scratch"):
         scale = float(cosine["scale"]) if cosine["scale"] else COSINE_SCALE
@@ -107,6 +123,7 @@ def parse_method(name: str) -> MethodSpec:
     if match is None or int(match["rank"]) < 1:
         raise ValueError(f"unknown method {name!r}: use one of {', '.join(NAMED)}, or lora-r<rank>, "
                          f"lora-attn-r<rank>, lora-all-r<rank>, dora-r<rank> (rank >= 1), each but the nearest "
-                         f"neighbours and scratch with an optional -cos or -cos<scale> suffix")
+                         f"neighbours and scratch with an optional -cos or -cos<scale> suffix, and the trained ones "
+                         f"with last -lr<rate> and/or -hlr<rate>")
     return MethodSpec(name, "lora", rank=int(match["rank"]), scope=match["scope"] or "all",
                       use_dora=match["kind"] == "dora")

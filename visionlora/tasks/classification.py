@@ -67,6 +67,10 @@ class LoraClassifier(L.LightningModule):
             cosine softmax). With ``head_init="prototypes"`` w_c is the mean of the L2-normalised features of class
             c, so before the first step the model *is* the cosine nearest-class-mean classifier and fine-tuning
             starts from it. ``None``: timm's linear head.
+        cosine_margin: With a cosine head, subtract ``cosine_margin`` from the cosine of the true class in the
+            training loss (CosFace's additive margin, Wang et al. 2018, arXiv:1801.09414): features of a class pull
+            tighter than the softmax needs, which is what recognising unseen classes from one image asks of them.
+            Evaluation and prediction logits have no margin.
     """
 
     def __init__(self, backbone: str = "vit_tiny_patch16_224", num_classes: int = 10, pretrained: bool = False,
@@ -76,8 +80,10 @@ class LoraClassifier(L.LightningModule):
                  backbone_weight_decay: float = 0.05, loraplus_lr_ratio: float | None = None,
                  warmup_fraction: float = 0.1, label_smoothing: float = 0.0, head_init: str = "prototypes",
                  grad_checkpointing: bool = False, prototype_margin: float | None = 4.0,
-                 cosine_scale: float | None = None) -> None:
+                 cosine_scale: float | None = None, cosine_margin: float = 0.0) -> None:
         super().__init__()
+        if cosine_margin and cosine_scale is None:
+            raise ValueError("cosine_margin needs a cosine head: set cosine_scale too")
         if cosine_scale is not None and cosine_scale <= 0:
             raise ValueError(f"cosine_scale must be > 0 (or None for a linear head), got {cosine_scale}")
         if method not in METHODS:
@@ -136,7 +142,9 @@ class LoraClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        margin = self.hparams.cosine_margin * (self.hparams.cosine_scale or 0.0)
+        margined = logits - margin * F.one_hot(labels, logits.shape[1]) if margin else logits
+        loss = F.cross_entropy(margined, labels, label_smoothing=self.hparams.label_smoothing)
         self.train_accuracy(logits, labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(labels))

@@ -106,7 +106,8 @@ class FewShotDataModule(L.LightningDataModule):
             Omniglot, (0.6, 1.0) otherwise.
         affine: Random affine in training, before the crop (``presets.AFFINE``: rotation ±15°, shear ±10°, shift ±8%,
             scale ±10%; uncovered borders are black, the Omniglot background); ``None``: on for Omniglot (a new
-            drawer writes the character slanted and placed differently), off otherwise.
+            drawer writes the character slanted and placed differently), off otherwise. ``"strokes"``: a wider
+            affine plus a mild elastic distortion (``presets.STROKES_AFFINE``, ``presets.STROKES_ELASTIC``).
         val_fraction: Share of each class's training pool, after removing the chosen shots, used for
             validation (at most ``max_val_per_class`` images per class); 0 disables it. Ignored when the
             ImageFolder has a ``val/`` folder.
@@ -137,7 +138,7 @@ class FewShotDataModule(L.LightningDataModule):
         crop_mode: str | None = None,
         hflip: bool | None = None,
         crop_scale: tuple[float, float] | None = None,
-        affine: bool | None = None,
+        affine: bool | str | None = None,
         val_fraction: float = 0.0,
         max_val_per_class: int = 20,
         on_bad_image: str = "skip",
