@@ -75,8 +75,11 @@ def test_cos_suffix_parses_onto_any_head_method():
     assert parse_method("lora-r2-cos").cosine_scale == COSINE_SCALE and parse_method("lora-r2-cos").rank == 2
     assert parse_method("ncm-cos16").cosine_scale == 16.0 and parse_method("ncm-cos16").method == "ncm"
     assert parse_method("linear-cos").lr == parse_method("linear").lr and parse_method("lora-r2").cosine_scale is None
-    for bad in ("pixel-nn-cos", "scratch-cos", "lora-cos"):
-        with pytest.raises(ValueError, match="unknown method"):
+    tuned = parse_method("lora-r2-cos-hlr1e-4-lr1e-3")
+    assert (tuned.lr, tuned.head_lr, tuned.cosine_scale) == (1e-3, 1e-4, COSINE_SCALE)
+    assert (parse_method("linear-lr0.02").lr, parse_method("linear-lr0.02").head_lr) == (0.02, 0.02)
+    for bad in ("pixel-nn-cos", "scratch-cos", "lora-cos", "ncm-lr1e-3"):
+        with pytest.raises(ValueError, match="unknown method|needs a method that trains"):
             parse_method(bad)
 
 
