@@ -2,6 +2,7 @@
 keys, and a tiny sweep whose nearest-class-mean errors match the classifier computed here."""
 
 import numpy as np
+import pytest
 import timm
 import torch
 from data.sources.test_omniglot_validation import write_background
@@ -53,3 +54,17 @@ def _cosine_ncm_accuracies(root, episodes: int) -> list[float]:
         predicted = nearest_class_mean(support, torch.as_tensor(episode.train_labels), query)
         accuracies.append(float(np.mean(predicted.numpy() == episode.test_labels)))
     return accuracies
+
+
+def test_the_render_field_chooses_the_centred_render_and_is_recorded(tmp_path):
+    root = write_background(tmp_path)
+    (_, cell), = omniglot_validation_cells(str(root), episodes=1, seeds=[0], render="centred56")
+    (_, small), = omniglot_validation_cells(str(root), episodes=1, seeds=[0])
+    assert cell.train_images.shape == (20, 56, 56, 3) and small.train_images.shape == (20, 28, 28, 3)
+    base = dict(name="val", protocol="omniglot-validation", root=str(root), episodes=1, methods=["ncm"],
+                pretrained_file=RESNET_OMNIGLOT)
+    assert SweepConfig.from_dict(base | {"render": "centred56"}).render == "centred56"
+    with pytest.raises(ValueError, match="render must be one of"):
+        SweepConfig.from_dict(base | {"render": "digits"})
+    with pytest.raises(ValueError, match="render is not used by protocol 'kshot'"):
+        SweepConfig.from_dict(dict(name="k", protocol="kshot", methods=["ncm"], render="centred56"))

@@ -126,11 +126,13 @@ def check_runs_root(root: str) -> None:
                                 f"{RUNS_ARCHIVE}.zip (or its unpacked {RUNS_ARCHIVE}/)")
 
 
-def omniglot_cells(root: str, runs: list[int] | None = None, raw: bool = False) -> Iterator[tuple[CellKey, CellData]]:
+def omniglot_cells(root: str, runs: list[int] | None = None, raw: bool = False, render: str = "centred"
+                   ) -> Iterator[tuple[CellKey, CellData]]:
     """The official 20-way 1-shot runs (all 20 unless ``runs`` lists run numbers 1-20), in the centred render the
-    backbones see; with ``raw`` also their native 105x105 images (``CellData.raw_*``, for ``raw-nn``)."""
+    backbones see (``render``: the one the backbone was trained on); with ``raw`` also their native 105x105 images
+    (``CellData.raw_*``, for ``raw-nn``)."""
     native = {run.run_id: run for run in omniglot_one_shot_runs(root, render="native")} if raw else {}
-    for run in omniglot_one_shot_runs(root):
+    for run in omniglot_one_shot_runs(root, render):
         if runs is None or run.run_id in runs:
             stored = native.get(run.run_id)
             yield CellKey(1, 20, run.run_id), CellData(
@@ -139,12 +141,13 @@ def omniglot_cells(root: str, runs: list[int] | None = None, raw: bool = False) 
                 raw_test_images=None if stored is None else stored.test_images)
 
 
-def omniglot_validation_cells(root: str, episodes: int, seeds: list[int]) -> Iterator[tuple[CellKey, CellData]]:
-    """``episodes`` validation episodes per seed (``omniglot_validation_episodes``), in the centred render."""
+def omniglot_validation_cells(root: str, episodes: int, seeds: list[int], render: str = "centred"
+                              ) -> Iterator[tuple[CellKey, CellData]]:
+    """``episodes`` validation episodes per seed (``omniglot_validation_episodes``), in a centred render."""
     if episodes >= EPISODES_PER_SEED:
         raise ValueError(f"omniglot-validation: at most {EPISODES_PER_SEED - 1} episodes per seed, got {episodes}")
     for seed in seeds:
-        for run in omniglot_validation_episodes(root, episodes, seed):
+        for run in omniglot_validation_episodes(root, episodes, seed, render=render):
             yield CellKey(1, len(run.train_labels), seed * EPISODES_PER_SEED + run.run_id), CellData(
                 run.train_images, run.train_labels, run.test_images, run.test_labels, len(run.train_labels))
 

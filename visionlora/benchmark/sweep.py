@@ -10,6 +10,7 @@ import timm
 import torch
 from tqdm import tqdm
 
+from visionlora.data.sources.omniglot import CENTRED_RENDERS
 from visionlora.files import write_text_atomic
 
 from .cells import Backbone, Budget, CellData, has_attention, run_cell
@@ -55,6 +56,8 @@ class SweepConfig:
         seeds: Seeds of the k-shot draws (kshot).
         ways, queries, episodes: Episode shape and count (episodic).
         runs: Official run numbers to use (omniglot; None: all 20).
+        render: The centred render the Omniglot images are read in (omniglot, omniglot-validation): the one the
+            backbone was pretrained on, ``centred`` (28 px) or ``centred56``.
         steps, batch_size, warmup_fraction: Optimisation budget of each cell.
         threads: torch intra-op threads (None: torch's default). Tiny backbones run fastest on 1: more threads
             spin against each other, and on a shared machine that made cells 50x slower.
@@ -77,6 +80,7 @@ class SweepConfig:
     queries: int = 15
     episodes: int = 20
     runs: list[int] | None = None
+    render: str = "centred"
     steps: int = 60
     batch_size: int = 16
     warmup_fraction: float = 0.1
@@ -242,11 +246,11 @@ def _cells(config: SweepConfig, backbone: Backbone) -> tuple[dict, list[tuple[Ce
     if config.protocol == "omniglot":  # the runs and the bundled weights only: no background archives needed
         check_runs_root(config.root)
         raw = any(parse_method(method).method == "raw-nn" for method in config.methods)
-        cells = list(omniglot_cells(config.root, config.runs, raw=raw))
-        return runs_preprocessing(_backbone_data_config(backbone)), cells
+        cells = list(omniglot_cells(config.root, config.runs, raw=raw, render=config.render))
+        return _one_shot_preprocessing(config, backbone), cells
     if config.protocol == "omniglot-validation":
-        cells = list(omniglot_validation_cells(config.root, config.episodes, config.seeds))
-        return runs_preprocessing(_backbone_data_config(backbone)), cells
+        cells = list(omniglot_validation_cells(config.root, config.episodes, config.seeds, config.render))
+        return _one_shot_preprocessing(config, backbone), cells
     data = data_module(config.dataset, config.root, config.classes)
     data.set_data_config(_backbone_data_config(backbone))
     if config.protocol == "episodic":
@@ -255,11 +259,18 @@ def _cells(config: SweepConfig, backbone: Backbone) -> tuple[dict, list[tuple[Ce
     return data.preprocessing, list(kshot_cells(data, config.shots, config.seeds))
 
 
+def _one_shot_preprocessing(config: SweepConfig, backbone: Backbone) -> dict:
+    """The Omniglot protocols' preprocessing; a render other than the default is part of it (and so of the
+    settings every row records), the default is left out so that earlier rows keep their settings hash."""
+    render = {} if config.render == "centred" else {"render": config.render}
+    return runs_preprocessing(_backbone_data_config(backbone)) | render
+
+
 # The fields that choose a protocol's cells; a field given to a protocol that does not use it is an error, not
 # silently ignored. The Omniglot runs are 1-shot: shots may only be [1] there.
 PROTOCOL_FIELDS = {"kshot": ("shots", "seeds", "dataset", "classes"),
                    "episodic": ("ways", "shots", "queries", "episodes", "dataset", "classes"),
-                   "omniglot": ("runs",), "omniglot-validation": ("episodes", "seeds")}
+                   "omniglot": ("runs", "render"), "omniglot-validation": ("episodes", "seeds", "render")}
 LIST_FIELDS = ("methods", "shots", "seeds", "runs")
 MINIMUM = {"shots": 1, "seeds": 0, "ways": 2, "queries": 1, "episodes": 1, "steps": 1, "batch_size": 1}
 
@@ -291,6 +302,8 @@ def _check_cell_choices(config: SweepConfig, given: set[str], source: str) -> No
         for number in value if isinstance(value, list) else [value]:
             if not isinstance(number, int) or isinstance(number, bool) or number < lowest:
                 raise ValueError(f"{source}: {name} must be whole numbers >= {lowest}, got {value}")
+    if config.render not in CENTRED_RENDERS:
+        raise ValueError(f"{source}: render must be one of {tuple(CENTRED_RENDERS)}, got {config.render!r}")
     if not 0.0 <= config.warmup_fraction < 1.0:
         raise ValueError(f"{source}: warmup_fraction must be in [0, 1), got {config.warmup_fraction}")
 

@@ -22,7 +22,14 @@ from .base import (
 from .coco import COCO
 from .digits import DIGITS
 from .imagefolder import IMAGEFOLDER
-from .omniglot import DIGITS_WITH_OMNIGLOT, OMNIGLOT, OMNIGLOT_DEV, OMNIGLOT_UNIQUE
+from .omniglot import (
+    DIGITS_WITH_OMNIGLOT,
+    OMNIGLOT,
+    OMNIGLOT_DEV,
+    OMNIGLOT_DEV_56,
+    OMNIGLOT_UNIQUE,
+    OMNIGLOT_UNIQUE_56,
+)
 from .synthetic_scenes import SYNTHETIC, SYNTHETIC_BASE, SYNTHETIC_NIGHT
 from .torchvision_sets import SOURCES as TORCHVISION_SOURCES
 
@@ -84,7 +91,7 @@ def _lookup(table: dict, name: str, task: str):
 
 
 for _source in (DIGITS, IMAGEFOLDER, DIGITS_WITH_OMNIGLOT, OMNIGLOT, OMNIGLOT_UNIQUE, OMNIGLOT_DEV,
-                *TORCHVISION_SOURCES):
+                OMNIGLOT_UNIQUE_56, OMNIGLOT_DEV_56, *TORCHVISION_SOURCES):
     register_classification_source(_source)
 for _source in (SYNTHETIC, SYNTHETIC_NIGHT, SYNTHETIC_BASE, COCO):
     register_detection_source(_source)

@@ -16,6 +16,7 @@ Renders (every one returns ink bright on black, ``[H, W, 3]`` uint8):
   drawer happened to write, as Lake et al.'s modified-Hausdorff baseline does with centred ink coordinates, and
   scaling to the box removes the drawer's writing size; the margin leaves room for shift augmentation. Pretraining
   (``omniglot_background_part``) and the one-shot runs (``omniglot_one_shot_runs``) use this same render.
+- ``"centred56"``: the same at 56 pixels (``CENTRED_RENDERS``).
 
 The 20 official one-shot runs (``all_runs.zip``) are each a 20-way 1-shot problem inside one evaluation alphabet:
 one training image of each of 20 characters and 20 test images drawn by other people. The archive renames every
@@ -41,8 +42,11 @@ from . import digits
 from .base import ClassificationPools, ClassificationSource, LabelledImages, SourceOptions
 
 BACKGROUND_SMALL = ("images_background_small1", "images_background_small2")
-RENDERS = ("native", "digits", "centred")
+RENDERS = ("native", "digits", "centred", "centred56")
 CENTRED_SIDE = 28
+# The centred renders by name and side: "centred56" keeps twice the detail of "centred" (for a 56 px input it is
+# the native resolution instead of a 2x upsampling of 28 px).
+CENTRED_RENDERS = {"centred": CENTRED_SIDE, "centred56": 56}
 CENTRED_MARGIN = 0.1
 # Each background character was drawn by 20 people; files are named <image id>_<drawer 01..20>.png. A fixed split
 # by drawer keeps every character in both parts, so pretraining reports accuracy on unseen handwriting.
@@ -372,8 +376,8 @@ def _render(png: bytes, render: str) -> np.ndarray:
     ink = np.asarray(Image.open(io.BytesIO(png)).convert("L")) < 128
     if render == "native":
         grey = (ink * 255).astype(np.uint8)
-    elif render == "centred":
-        grey = render_centred(ink)
+    elif render in CENTRED_RENDERS:
+        grey = render_centred(ink, side=CENTRED_RENDERS[render])
     else:
         # The same 0..16 -> 0..255 scaling as visionlora.data.sources.digits.
         grey = np.rint(render_like_digits(ink) * (255.0 / 16.0)).astype(np.uint8)
@@ -441,9 +445,10 @@ def _background_pools(options: SourceOptions) -> ClassificationPools:
                                partial(list, files))
 
 
-def _unique_pools(options: SourceOptions, exclude: tuple[str, ...] = ()) -> ClassificationPools:
-    images, labels, names, files = omniglot_background_unique(options.root, "train", exclude_alphabets=exclude)
-    test_images, test_labels, _, _ = omniglot_background_unique(options.root, "test", exclude_alphabets=exclude)
+def _unique_pools(options: SourceOptions, exclude: tuple[str, ...] = (), render: str = "centred"
+                  ) -> ClassificationPools:
+    images, labels, names, files = omniglot_background_unique(options.root, "train", render, exclude)
+    test_images, test_labels, _, _ = omniglot_background_unique(options.root, "test", render, exclude)
     return ClassificationPools(names, LabelledImages(images, labels), LabelledImages(test_images, test_labels), None,
                                partial(list, files))
 
@@ -495,6 +500,23 @@ OMNIGLOT_DEV = ClassificationSource(
     name="omniglot-dev",
     list_classes=partial(_unique_classes, exclude=VALIDATION_ALPHABETS),
     read=partial(_unique_pools, exclude=VALIDATION_ALPHABETS),
+    selection_column="omniglot_file",
+    root_help=_ROOT_HELP,
+    preprocessing=OMNIGLOT.preprocessing,
+)
+# The same two at the 56 px centred render ("centred56"): the runs must then be read with render="centred56".
+OMNIGLOT_UNIQUE_56 = ClassificationSource(
+    name="omniglot-unique56",
+    list_classes=_unique_classes,
+    read=partial(_unique_pools, render="centred56"),
+    selection_column="omniglot_file",
+    root_help=_ROOT_HELP,
+    preprocessing=OMNIGLOT.preprocessing,
+)
+OMNIGLOT_DEV_56 = ClassificationSource(
+    name="omniglot-dev56",
+    list_classes=partial(_unique_classes, exclude=VALIDATION_ALPHABETS),
+    read=partial(_unique_pools, exclude=VALIDATION_ALPHABETS, render="centred56"),
     selection_column="omniglot_file",
     root_help=_ROOT_HELP,
     preprocessing=OMNIGLOT.preprocessing,
