@@ -144,12 +144,7 @@ def omniglot_background_unique(root: str | Path, part: str = "train", render: st
     unknown = sorted(set(exclude_alphabets) - {name.split("/")[1] for name in names})
     if unknown:
         raise ValueError(f"omniglot: exclude_alphabets {unknown} are not background-small alphabets")
-    kept, seen = [], set()
-    for label, name in enumerate(names):
-        character = tuple(name.split("/")[1:])
-        if character[0] not in exclude_alphabets and character not in seen:
-            kept.append(label)
-        seen.add(character)
+    kept = _distinct_characters(names, tuple(exclude_alphabets))
     relabel = np.full(len(names), -1, dtype=np.int64)
     relabel[kept] = np.arange(len(kept))
     rows = np.flatnonzero(relabel[labels] >= 0)
@@ -455,12 +450,16 @@ def _unique_pools(options: SourceOptions, exclude: tuple[str, ...] = (), render:
 
 def _unique_classes(options: SourceOptions, exclude: tuple[str, ...] = ()) -> list[str]:
     names = omniglot_background_class_names(options.root)
-    seen: set[tuple[str, ...]] = set()
-    kept = []
-    for name in names:
+    return [names[i] for i in _distinct_characters(names, exclude)]
+
+
+def _distinct_characters(names: list[str], exclude: tuple[str, ...]) -> list[int]:
+    """Indices of the first ``split/alphabet/char`` name of each (alphabet, char), outside ``exclude``'s alphabets."""
+    kept, seen = [], set()
+    for index, name in enumerate(names):
         character = tuple(name.split("/")[1:])
         if character[0] not in exclude and character not in seen:
-            kept.append(name)
+            kept.append(index)
         seen.add(character)
     return kept
 
