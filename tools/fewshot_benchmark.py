@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="benchmark YAML (configs/benchmark/)")
     for name, kind in OVERRIDES.items():
         parser.add_argument(f"--{name}", type=kind, nargs="+", help=f"override the config's {name}")
-    for name in ("root", "backbone", "pretrained_file", "out", "name"):
+    for name in ("root", "backbone", "pretrained_file", "out", "name", "render"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"override the config's {name}")
     for name in ("steps", "episodes"):
         parser.add_argument(f"--{name}", type=int, help=f"override the config's {name}")

@@ -111,7 +111,8 @@ def build_module(spec: MethodSpec, backbone: Backbone, num_classes: int, budget:
         name, model_args = random_init_architecture(backbone)
         weights = dict(backbone=name, pretrained=False, pretrained_file=None, model_args=model_args)
     return LoraClassifier(num_classes=num_classes, **weights, method=method, lora=lora, lr=spec.lr,
-                          head_lr=spec.head_lr, backbone_lr=spec.lr, warmup_fraction=budget.warmup_fraction)
+                          head_lr=spec.head_lr, backbone_lr=spec.lr, warmup_fraction=budget.warmup_fraction,
+                          cosine_scale=spec.cosine_scale)
 
 
 def random_init_architecture(backbone: Backbone) -> tuple[str, dict | None]:

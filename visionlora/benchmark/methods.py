@@ -13,6 +13,7 @@ resized and centre-cropped to the backbone's input size, mean/std-normalised).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -21,6 +22,12 @@ from visionlora.lora import LoraConfig
 # Targets per scope; "all" adapts what the family preset adapts: every linear layer of a ViT block, or every conv.
 SCOPES = {"attn": ["attn"], "all-vit": ["vit-all"], "all-conv": ["conv"]}
 METHOD_PATTERN = re.compile(r"(?P<kind>lora|dora)(-(?P<scope>attn|all))?-r(?P<rank>\d+)")
+# "<method>-cos" or "<method>-cos<scale>": the same method with a prototype-initialised cosine head.
+COSINE_PATTERN = re.compile(r"(?P<base>.+)-cos(?P<scale>\d+)?")
+COSINE_SCALE = 10.0  # the default temperature of a "-cos" head
+# "<method>-lr<rate>" / "-hlr<rate>" (last): the method at another learning rate of its trained weights (LoRA
+# factors, backbone) or of its head, e.g. lora-r2-cos-hlr1e-4.
+LR_PATTERN = re.compile(r"(?P<base>.+)-(?P<which>h?lr)(?P<lr>\d+(\.\d+)?(e-?\d+)?)")
 NAMED = ("ncm", "linear", "full", "scratch", "pixel-nn", "raw-nn")
 NEAREST_NEIGHBOUR = ("pixel-nn", "raw-nn")
 
@@ -41,6 +48,8 @@ class MethodSpec:
         head_lr: Learning rate of the classifier head.
         pretrained: Start from the backbone's pretrained weights; ``False`` (``scratch``) builds the same
             architecture from random initialisation.
+        cosine_scale: A cosine head of this scale (``LoraClassifier``'s ``cosine_scale``), initialised to the
+            cosine class means: the method starts at the cosine nearest-class-mean classifier. None: linear head.
     """
 
     name: str
@@ -51,6 +60,7 @@ class MethodSpec:
     lr: float = 3e-3
     head_lr: float = 3e-3
     pretrained: bool = True
+    cosine_scale: float | None = None
 
     @property
     def trains(self) -> bool:
@@ -76,8 +86,31 @@ def parse_method(name: str) -> MethodSpec:
     - ``scratch``: ``full`` from random initialisation (the backbone built without its pretrained weights), at the
       larger backbone learning rate random weights need.
 
+    Any of ``ncm``, ``linear``, ``full`` and the LoRA/DoRA names takes a ``-cos`` suffix (``lora-r2-cos``,
+    ``ncm-cos``; ``-cos16`` for scale 16): its head is the cosine head of the class means (``COSINE_SCALE``
+    unless given), so ``ncm-cos`` is the cosine nearest class mean and the others start from it.
+
+    Last come ``-lr<rate>`` (``lora-r2-cos-lr1e-3``: the learning rate of the LoRA factors or, for ``full``, the
+    backbone) and ``-hlr<rate>`` (the head's; for ``linear`` both are the head's), in any order, for methods that
+    train.
+
     LoRA's ``alpha`` equals its rank (scale 1), so ranks compare at the same learning rate.
     """
+    rate = LR_PATTERN.fullmatch(name)
+    if rate is not None:
+        base = parse_method(rate["base"])
+        if not base.trains or float(rate["lr"]) <= 0:
+            raise ValueError(f"method {name!r}: -lr<rate> needs a method that trains and a rate > 0")
+        value = float(rate["lr"])
+        both = base.method == "linear"
+        changes = {"lr": value, "head_lr": value} if both else {"head_lr" if rate["which"] == "hlr" else "lr": value}
+        return dataclasses.replace(base, name=name, **changes)
+    cosine = COSINE_PATTERN.fullmatch(name)
+    if cosine is not None and cosine["base"] not in (*NEAREST_NEIGHBOUR, "scratch"):
+        scale = float(cosine["scale"]) if cosine["scale"] else COSINE_SCALE
+        if scale <= 0:
+            raise ValueError(f"method {name!r}: the cosine scale must be > 0")
+        return dataclasses.replace(parse_method(cosine["base"]), name=name, cosine_scale=scale)
     if name in ("ncm", *NEAREST_NEIGHBOUR):
         return MethodSpec(name, name)
     if name == "linear":
@@ -89,6 +122,8 @@ def parse_method(name: str) -> MethodSpec:
     match = METHOD_PATTERN.fullmatch(name)
     if match is None or int(match["rank"]) < 1:
         raise ValueError(f"unknown method {name!r}: use one of {', '.join(NAMED)}, or lora-r<rank>, "
-                         f"lora-attn-r<rank>, lora-all-r<rank>, dora-r<rank> (rank >= 1)")
+                         f"lora-attn-r<rank>, lora-all-r<rank>, dora-r<rank> (rank >= 1), each but the nearest "
+                         f"neighbours and scratch with an optional -cos or -cos<scale> suffix, and the trained ones "
+                         f"with last -lr<rate> and/or -hlr<rate>")
     return MethodSpec(name, "lora", rank=int(match["rank"]), scope=match["scope"] or "all",
                       use_dora=match["kind"] == "dora")

@@ -59,5 +59,6 @@ def plot_error_with_references(summary: list[dict], references: dict[str, float]
     axis.set(ylabel="error (%)", title=title)
     axis.tick_params(axis="x", rotation=30)
     axis.grid(alpha=0.3, axis="y")
-    axis.legend(fontsize=7)
+    if references:
+        axis.legend(fontsize=7)
     return save_figure(figure, out_png)

@@ -6,6 +6,10 @@
   "Matching networks for one shot learning", arXiv:1606.04080); reported as the mean over episodes with a 95% CI.
 - ``omniglot``: the 20 official within-alphabet 20-way 1-shot runs of Lake, Salakhutdinov & Tenenbaum (2015,
   Science 350(6266)).
+- ``omniglot-validation``: the same kind of task from the background data alone, for choosing a recipe without
+  looking at the runs: within-alphabet 20-way 1-shot episodes (one support drawer, another query drawer) from the
+  background alphabets ``VALIDATION_ALPHABETS``, which the validation backbones' pretraining (``omniglot-dev``)
+  leaves out.
 """
 
 from __future__ import annotations
@@ -20,13 +24,23 @@ from visionlora.data import FewShotDataModule, sample_k_shot
 from visionlora.data.classification.datamodule import resolve_preprocessing
 from visionlora.data.classification.presets import normalize_data_config
 from visionlora.data.sources import classification_source
-from visionlora.data.sources.omniglot import NUM_RUNS, RUNS_ARCHIVE, omniglot_one_shot_runs
+from visionlora.data.sources.omniglot import (
+    NUM_RUNS,
+    RUNS_ARCHIVE,
+    omniglot_one_shot_runs,
+    omniglot_validation_episodes,
+)
 
 from .cells import CellData
 
-PROTOCOLS = ("kshot", "episodic", "omniglot")
-__all__ = ["NUM_RUNS", "PROTOCOLS", "CellKey", "check_runs_root", "data_module", "draw_episode", "episodic_cells",
-           "kshot_cells", "omniglot_cells", "runs_preprocessing"]
+PROTOCOLS = ("kshot", "episodic", "omniglot", "omniglot-validation")
+ONE_SHOT_PROTOCOLS = ("omniglot", "omniglot-validation")  # 20-way 1-shot, reported as error rates
+# A validation cell's trial is seed * EPISODES_PER_SEED + episode, so every (seed, episode) has its own key.
+EPISODES_PER_SEED = 1000
+__all__ = ["EPISODES_PER_SEED", "NUM_RUNS", "ONE_SHOT_PROTOCOLS", "PROTOCOLS", "CellKey", "check_runs_root",
+           "data_module", "draw_episode", "episodic_cells",
+           "kshot_cells", "omniglot_cells", "omniglot_validation_cells",
+           "runs_preprocessing"]
 
 
 @dataclass(frozen=True)
@@ -112,17 +126,30 @@ def check_runs_root(root: str) -> None:
                                 f"{RUNS_ARCHIVE}.zip (or its unpacked {RUNS_ARCHIVE}/)")
 
 
-def omniglot_cells(root: str, runs: list[int] | None = None, raw: bool = False) -> Iterator[tuple[CellKey, CellData]]:
+def omniglot_cells(root: str, runs: list[int] | None = None, raw: bool = False, render: str = "centred"
+                   ) -> Iterator[tuple[CellKey, CellData]]:
     """The official 20-way 1-shot runs (all 20 unless ``runs`` lists run numbers 1-20), in the centred render the
-    backbones see; with ``raw`` also their native 105x105 images (``CellData.raw_*``, for ``raw-nn``)."""
+    backbones see (``render``: the one the backbone was trained on); with ``raw`` also their native 105x105 images
+    (``CellData.raw_*``, for ``raw-nn``)."""
     native = {run.run_id: run for run in omniglot_one_shot_runs(root, render="native")} if raw else {}
-    for run in omniglot_one_shot_runs(root):
+    for run in omniglot_one_shot_runs(root, render):
         if runs is None or run.run_id in runs:
             stored = native.get(run.run_id)
             yield CellKey(1, 20, run.run_id), CellData(
                 run.train_images, run.train_labels, run.test_images, run.test_labels,
                 len(np.unique(run.train_labels)), raw_train_images=None if stored is None else stored.train_images,
                 raw_test_images=None if stored is None else stored.test_images)
+
+
+def omniglot_validation_cells(root: str, episodes: int, seeds: list[int], render: str = "centred"
+                              ) -> Iterator[tuple[CellKey, CellData]]:
+    """``episodes`` validation episodes per seed (``omniglot_validation_episodes``), in a centred render."""
+    if episodes >= EPISODES_PER_SEED:
+        raise ValueError(f"omniglot-validation: at most {EPISODES_PER_SEED - 1} episodes per seed, got {episodes}")
+    for seed in seeds:
+        for run in omniglot_validation_episodes(root, episodes, seed, render=render):
+            yield CellKey(1, len(run.train_labels), seed * EPISODES_PER_SEED + run.run_id), CellData(
+                run.train_images, run.train_labels, run.test_images, run.test_labels, len(run.train_labels))
 
 
 def _take(images, indices: np.ndarray):

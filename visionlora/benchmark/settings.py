@@ -28,7 +28,7 @@ def sweep_settings(config, backbone: Backbone, preprocessing: dict) -> dict[str,
     ``root`` is resolved (one folder, whatever the working directory); ``weights_sha256`` is the sha256 of the
     weights file, or of the weights of a ``local-dir:`` folder (``model.safetensors``).
     """
-    omniglot = config.protocol == "omniglot"
+    omniglot = config.protocol in ("omniglot", "omniglot-validation")
     return {
         "protocol": config.protocol,
         "dataset": "omniglot" if omniglot else config.dataset,
@@ -49,7 +49,9 @@ def sweep_settings(config, backbone: Backbone, preprocessing: dict) -> dict[str,
 
 def method_settings(sweep: dict[str, str], spec: MethodSpec) -> dict[str, str]:
     """The sweep's settings plus the method's own (learning rates, rank, scope, ...) and their hash."""
-    spec_fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "name"}
+    # A linear head (cosine_scale None) is left out, so rows written before cosine heads existed keep their hash.
+    spec_fields = {k: v for k, v in dataclasses.asdict(spec).items()
+                   if k != "name" and not (k == "cosine_scale" and v is None)}
     settings = sweep | {"method_spec": _json(spec_fields)}
     return settings | {"settings": settings_hash(settings)}
 

@@ -10,6 +10,7 @@ import timm
 import torch
 from tqdm import tqdm
 
+from visionlora.data.sources.omniglot import CENTRED_RENDERS
 from visionlora.files import write_text_atomic
 
 from .cells import Backbone, Budget, CellData, has_attention, run_cell
@@ -17,6 +18,7 @@ from .methods import MethodSpec, parse_method
 from .plots import plot_accuracy_vs_params, plot_accuracy_vs_shots, plot_error_with_references
 from .protocols import (
     NUM_RUNS,
+    ONE_SHOT_PROTOCOLS,
     PROTOCOLS,
     CellKey,
     check_runs_root,
@@ -24,6 +26,7 @@ from .protocols import (
     episodic_cells,
     kshot_cells,
     omniglot_cells,
+    omniglot_validation_cells,
     runs_preprocessing,
 )
 from .results import ResultsLog, markdown_table, summarise
@@ -53,6 +56,8 @@ class SweepConfig:
         seeds: Seeds of the k-shot draws (kshot).
         ways, queries, episodes: Episode shape and count (episodic).
         runs: Official run numbers to use (omniglot; None: all 20).
+        render: The centred render the Omniglot images are read in (omniglot, omniglot-validation): the one the
+            backbone was pretrained on, ``centred`` (28 px) or ``centred56``.
         steps, batch_size, warmup_fraction: Optimisation budget of each cell.
         threads: torch intra-op threads (None: torch's default). Tiny backbones run fastest on 1: more threads
             spin against each other, and on a shared machine that made cells 50x slower.
@@ -75,6 +80,7 @@ class SweepConfig:
     queries: int = 15
     episodes: int = 20
     runs: list[int] | None = None
+    render: str = "centred"
     steps: int = 60
     batch_size: int = 16
     warmup_fraction: float = 0.1
@@ -90,10 +96,12 @@ class SweepConfig:
         config = cls(**values)
         if config.protocol not in PROTOCOLS:
             raise ValueError(f"{source}: protocol must be one of {PROTOCOLS}, got {config.protocol!r}")
-        if config.root is None and (config.protocol == "omniglot" or config.dataset != "digits"):
+        if config.root is None and (config.protocol in ONE_SHOT_PROTOCOLS or config.dataset != "digits"):
             # Shipped configs name no dataset folder outside the repository: the caller passes it.
-            what = ("the folder holding Omniglot's all_runs.zip" if config.protocol == "omniglot"
-                    else f"the folder of dataset {config.dataset!r}")
+            what = {"omniglot": "the folder holding Omniglot's all_runs.zip",
+                    "omniglot-validation": "the folder holding images_background_small1.zip and "
+                                           "images_background_small2.zip"}.get(
+                config.protocol, f"the folder of dataset {config.dataset!r}")
             raise ValueError(f"{source}: root is not set; pass --root DIR ({what})")
         for method in config.methods:
             parse_method(method)  # fail before any training on a misspelt method
@@ -200,8 +208,10 @@ def write_report(config: SweepConfig, summary: list[dict], out: Path, weights_sh
     ``total`` (an interrupted sweep) the summary's first line and the plot titles say "k of n cells".
     """
     omniglot = config.protocol == "omniglot"
-    table = markdown_table(summary, error_rate=omniglot, order=config.methods)
-    dataset = "omniglot (official runs)" if omniglot else config.dataset
+    one_shot = config.protocol in ONE_SHOT_PROTOCOLS
+    table = markdown_table(summary, error_rate=one_shot, order=config.methods)
+    dataset = {"omniglot": "omniglot (official runs)", "omniglot-validation": "omniglot (validation episodes from "
+               "held-out background alphabets)"}.get(config.protocol, config.dataset)
     digest = f", sha256 {weights_sha256[:12]}" if weights_sha256 else ""
     weights = f" ({config.pretrained_file}{digest})" if config.pretrained_file else ""
     partial = finished is not None and total is not None and finished < total
@@ -209,7 +219,7 @@ def write_report(config: SweepConfig, summary: list[dict], out: Path, weights_sh
              f"rest).", ""] if partial else []
     lines += [f"# {config.name}: {config.protocol} on {dataset}, backbone {config.backbone}{weights}", "",
               f"{config.steps} AdamW steps per cell, batch {config.batch_size}; mean ± 95% CI (Student t) over "
-              f"{'runs' if omniglot else 'episodes' if config.protocol == 'episodic' else 'seeds'}"
+              f"{'runs' if omniglot else 'episodes' if config.protocol != 'kshot' else 'seeds'}"
               f"{f'; {total} cells' if total is not None and not partial else ''}.", "", table]
     if omniglot:
         lines += ["", "Published references (20-way 1-shot error %, same 20 runs):", "",
@@ -219,11 +229,13 @@ def write_report(config: SweepConfig, summary: list[dict], out: Path, weights_sh
     if not summary:
         return
     marker = f" (partial: {finished} of {total} cells)" if partial else ""
-    if omniglot:
+    if one_shot:
         order = {m: i for i, m in enumerate(config.methods)}
         ordered = sorted(summary, key=lambda s: order.get(s["method"], len(order)))
-        plot_error_with_references(ordered, OMNIGLOT_REFERENCES, out / "error_vs_references.png",
-                                   f"Omniglot 20-way 1-shot, 20 official runs{marker}")
+        # The published figures are on the official runs only; the validation plot has no references beside it.
+        references, what = (OMNIGLOT_REFERENCES, "20 official runs") if omniglot else ({}, "validation episodes")
+        plot_error_with_references(ordered, references, out / "error_vs_references.png",
+                                   f"Omniglot 20-way 1-shot, {what}{marker}")
         return
     title = f"{config.dataset}, {config.backbone}{marker}"
     plot_accuracy_vs_shots(summary, out / "accuracy_vs_shots.png", title)
@@ -234,8 +246,11 @@ def _cells(config: SweepConfig, backbone: Backbone) -> tuple[dict, list[tuple[Ce
     if config.protocol == "omniglot":  # the runs and the bundled weights only: no background archives needed
         check_runs_root(config.root)
         raw = any(parse_method(method).method == "raw-nn" for method in config.methods)
-        cells = list(omniglot_cells(config.root, config.runs, raw=raw))
-        return runs_preprocessing(_backbone_data_config(backbone)), cells
+        cells = list(omniglot_cells(config.root, config.runs, raw=raw, render=config.render))
+        return _one_shot_preprocessing(config, backbone), cells
+    if config.protocol == "omniglot-validation":
+        cells = list(omniglot_validation_cells(config.root, config.episodes, config.seeds, config.render))
+        return _one_shot_preprocessing(config, backbone), cells
     data = data_module(config.dataset, config.root, config.classes)
     data.set_data_config(_backbone_data_config(backbone))
     if config.protocol == "episodic":
@@ -244,11 +259,18 @@ def _cells(config: SweepConfig, backbone: Backbone) -> tuple[dict, list[tuple[Ce
     return data.preprocessing, list(kshot_cells(data, config.shots, config.seeds))
 
 
+def _one_shot_preprocessing(config: SweepConfig, backbone: Backbone) -> dict:
+    """The Omniglot protocols' preprocessing; a render other than the default is part of it (and so of the
+    settings every row records), the default is left out so that earlier rows keep their settings hash."""
+    render = {} if config.render == "centred" else {"render": config.render}
+    return runs_preprocessing(_backbone_data_config(backbone)) | render
+
+
 # The fields that choose a protocol's cells; a field given to a protocol that does not use it is an error, not
 # silently ignored. The Omniglot runs are 1-shot: shots may only be [1] there.
 PROTOCOL_FIELDS = {"kshot": ("shots", "seeds", "dataset", "classes"),
                    "episodic": ("ways", "shots", "queries", "episodes", "dataset", "classes"),
-                   "omniglot": ("runs",)}
+                   "omniglot": ("runs", "render"), "omniglot-validation": ("episodes", "seeds", "render")}
 LIST_FIELDS = ("methods", "shots", "seeds", "runs")
 MINIMUM = {"shots": 1, "seeds": 0, "ways": 2, "queries": 1, "episodes": 1, "steps": 1, "batch_size": 1}
 
@@ -280,6 +302,8 @@ def _check_cell_choices(config: SweepConfig, given: set[str], source: str) -> No
         for number in value if isinstance(value, list) else [value]:
             if not isinstance(number, int) or isinstance(number, bool) or number < lowest:
                 raise ValueError(f"{source}: {name} must be whole numbers >= {lowest}, got {value}")
+    if config.render not in CENTRED_RENDERS:
+        raise ValueError(f"{source}: render must be one of {tuple(CENTRED_RENDERS)}, got {config.render!r}")
     if not 0.0 <= config.warmup_fraction < 1.0:
         raise ValueError(f"{source}: warmup_fraction must be in [0, 1), got {config.warmup_fraction}")
 

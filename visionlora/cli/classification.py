@@ -82,6 +82,7 @@ def write_run_outputs(cli: VisionLoraCLI, results: dict, seconds: float) -> dict
         "fit seconds": round(seconds, 1),
     }
     if cli.config.export_dir:
+        model.bake_cosine_head()  # a plain timm linear head with the cosine head's predictions
         export_pretrained_backbone(
             model.model, Path(cli.config.export_dir), architecture=model.hparams.backbone,
             model_args=model.model_args, class_names=data.class_names, preprocessing=data.preprocessing,

@@ -1,7 +1,9 @@
 """Few-shot image classification as a LightningModule: a timm backbone adapted with LoRA (or fully, or linearly).
 
 Loss, metrics and optimiser groups live here; data loading does not (see ``visionlora.data``). LoRA follows Hu et
-al. 2021 (arXiv:2106.09685); LoRA+ (Hayou et al. 2024, arXiv:2402.12354) gives B a larger learning rate.
+al. 2021 (arXiv:2106.09685); LoRA+ (Hayou et al. 2024, arXiv:2402.12354) gives B a larger learning rate. The
+optional cosine head (``cosine_scale``) is the cosine-similarity classifier of Gidaris & Komodakis 2018
+(arXiv:1804.09458) and Baseline++ (Chen et al. 2019, arXiv:1904.04232).
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ class LoraClassifier(L.LightningModule):
             cross-entropy on the 1-5 training images gives no gradient at all: fine-tuning would stay at the
             nearest-class-mean classifier (cf. the cosine-logit initialisation of Dhillon et al. 2020,
             arXiv:1909.02729). ``None`` keeps the unscaled NCM head.
+        cosine_scale: A cosine head: logits = ``cosine_scale`` x cos(feature, w_c), no bias (the temperature of a
+            cosine softmax). With ``head_init="prototypes"`` w_c is the mean of the L2-normalised features of class
+            c, so before the first step the model *is* the cosine nearest-class-mean classifier and fine-tuning
+            starts from it. ``None``: timm's linear head.
+        cosine_margin: With a cosine head, subtract ``cosine_margin`` from the cosine of the true class in the
+            training loss (CosFace's additive margin, Wang et al. 2018, arXiv:1801.09414): features of a class pull
+            tighter than the softmax needs, which is what recognising unseen classes from one image asks of them.
+            Evaluation and prediction logits have no margin.
     """
 
     def __init__(self, backbone: str = "vit_tiny_patch16_224", num_classes: int = 10, pretrained: bool = False,
@@ -69,8 +79,13 @@ class LoraClassifier(L.LightningModule):
                  backbone_lr: float | None = None, lora_weight_decay: float = 0.01, head_weight_decay: float = 0.01,
                  backbone_weight_decay: float = 0.05, loraplus_lr_ratio: float | None = None,
                  warmup_fraction: float = 0.1, label_smoothing: float = 0.0, head_init: str = "prototypes",
-                 grad_checkpointing: bool = False, prototype_margin: float | None = 4.0) -> None:
+                 grad_checkpointing: bool = False, prototype_margin: float | None = 4.0,
+                 cosine_scale: float | None = None, cosine_margin: float = 0.0) -> None:
         super().__init__()
+        if cosine_margin and cosine_scale is None:
+            raise ValueError("cosine_margin needs a cosine head: set cosine_scale too")
+        if cosine_scale is not None and cosine_scale <= 0:
+            raise ValueError(f"cosine_scale must be > 0 (or None for a linear head), got {cosine_scale}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if head_init not in HEAD_INITS:
@@ -104,12 +119,32 @@ class LoraClassifier(L.LightningModule):
 
     # ----- steps --------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        if self.hparams.cosine_scale is None:
+            return self.model(images)
+        features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+        weight = self.model.get_classifier().weight
+        return self.hparams.cosine_scale * F.normalize(features, dim=1) @ F.normalize(weight, dim=1).T
+
+    @torch.no_grad()
+    def bake_cosine_head(self) -> None:
+        """Make timm's own linear head predict what the cosine head does: w_c <- s * w_c / ||w_c||, bias 0.
+
+        Its logits are the cosine head's times ||feature|| (positive), so every argmax is the same; exports use
+        this, so that the bundled timm folder needs no visionlora code. A linear head is left as it is.
+        """
+        head = self.model.get_classifier()
+        if self.hparams.cosine_scale is None or not isinstance(head, nn.Linear):
+            return
+        head.weight.copy_(self.hparams.cosine_scale * F.normalize(head.weight, dim=1))
+        if head.bias is not None:
+            head.bias.zero_()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        margin = self.hparams.cosine_margin * (self.hparams.cosine_scale or 0.0)
+        margined = logits - margin * F.one_hot(labels, logits.shape[1]) if margin else logits
+        loss = F.cross_entropy(margined, labels, label_smoothing=self.hparams.label_smoothing)
         self.train_accuracy(logits, labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
@@ -157,18 +192,24 @@ class LoraClassifier(L.LightningModule):
         head = self.model.get_classifier()
         if not isinstance(head, nn.Linear):
             return
-        # Euclidean class means of the raw features (prototypes.py's sums, not its cosine means), one batch at a time.
+        # Class means, one batch at a time: of the raw features (Euclidean head) or of the L2-normalised ones (cosine).
+        cosine = self.hparams.cosine_scale is not None
         sums = head.weight.new_zeros(head.out_features, head.in_features, dtype=torch.float32)
         counts = sums.new_zeros(head.out_features)
         for images, labels in loader:
             features = pooled_features(self.model, images.to(self.device), batch_size=len(images))
-            add_class_sums(sums, counts, features, labels.to(self.device), normalize=False)
+            add_class_sums(sums, counts, features, labels.to(self.device), normalize=cosine)
         if self._trainer is not None:
             # Every rank saw the same images (the loader is not sharded yet); summing keeps ranks identical anyway.
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         seen = counts > 0
         means = sums[seen] / counts[seen, None]
+        if cosine:
+            head.weight[seen] = means.to(head.weight.dtype)
+            if head.bias is not None:
+                head.bias.zero_()
+            return
         scale = prototype_scale(means, self.hparams.prototype_margin)
         head.weight[seen] = (scale * means).to(head.weight.dtype)
         if head.bias is not None:

@@ -140,3 +140,18 @@ def test_eval_transform_is_what_timm_makes_of_the_exported_config(crop_pct, crop
     image = np.random.default_rng(2).integers(0, 256, (31, 57, 3), dtype=np.uint8)  # not square
     torch.testing.assert_close(_apply(eval_transform_from(prep), image), client(Image.fromarray(image)),
                                atol=0.0, rtol=0.0)
+
+
+def test_strokes_affine_is_the_wider_affine_then_an_elastic_distortion():
+    from visionlora.data.classification.presets import STROKES_AFFINE, STROKES_ELASTIC, train_transform_from
+
+    settings = dict(image_size=56, mean=(0.13,) * 3, std=(0.3,) * 3, crop_scale=(0.85, 1.0), hflip=False)
+    steps = train_transform_from(settings | {"affine": "strokes"}).transforms
+    assert [type(s).__name__ for s in steps[:2]] == ["Affine", "ElasticTransform"]
+    assert STROKES_AFFINE["shear"] == (-20.0, 20.0) and steps[1].alpha == STROKES_ELASTIC["alpha"] == 50.0
+    assert steps[1].p == 0.5
+    plain = train_transform_from(settings | {"affine": True}).transforms
+    assert type(plain[0]).__name__ == "Affine" and type(plain[1]).__name__ != "ElasticTransform"
+    assert len(steps) == len(plain) + 1 == len(train_transform_from(settings | {"affine": False}).transforms) + 2
+    with pytest.raises(ValueError, match="affine must be one of"):
+        train_transform_from(settings | {"affine": "wobbly"})

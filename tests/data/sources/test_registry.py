@@ -26,7 +26,9 @@ from visionlora.data.sources import (
     register_classification_source,
 )
 
-CLASSIFICATION = ("digits", "imagefolder", "digits+omniglot", "omniglot", "torchvision:pets",
+CLASSIFICATION = ("digits", "imagefolder", "digits+omniglot", "omniglot", "omniglot-unique", "omniglot-dev",
+                  "omniglot-unique56", "omniglot-dev56",
+                  "torchvision:pets",
                   "torchvision:flowers102", "torchvision:aircraft", "torchvision:food101", "torchvision:cars")
 DETECTION = ("synthetic", "synthetic_night", "synthetic_base", "coco")
 

@@ -75,7 +75,10 @@ class FewShotDataModule(L.LightningDataModule):
             character rendered like a digit; ``root`` is the folder of the Omniglot archives), ``"omniglot"``
             (pretraining data for the Omniglot one-shot runs: all 292 background-small characters in the
             ``"centred"`` 28 px render, drawers 1-16 as the training pool and drawers 17-20 as the test set, see
-            :func:`~visionlora.data.sources.omniglot.omniglot_background_part`; ``root`` as for ``"digits+omniglot"``)
+            :func:`~visionlora.data.sources.omniglot.omniglot_background_part`; ``root`` as for ``"digits+omniglot"``),
+            ``"omniglot-unique"`` (the same with each of the 242 distinct characters once: Greek and Latin are in
+            both splits) and ``"omniglot-dev"`` (those without the validation alphabets, for recipe search; see
+            :func:`~visionlora.data.sources.omniglot.omniglot_background_unique`)
             or ``"torchvision:<name>"`` (``pets``, ``flowers102``, ``aircraft``, ``food101``, ``cars``: torchvision's
             dataset under ``root`` in its own layout, its official train(val) and test splits; no download).
         root: Folder of the ImageFolder dataset, of the Omniglot archives or of the torchvision dataset; must be left
@@ -103,7 +106,8 @@ class FewShotDataModule(L.LightningDataModule):
             Omniglot, (0.6, 1.0) otherwise.
         affine: Random affine in training, before the crop (``presets.AFFINE``: rotation ±15°, shear ±10°, shift ±8%,
             scale ±10%; uncovered borders are black, the Omniglot background); ``None``: on for Omniglot (a new
-            drawer writes the character slanted and placed differently), off otherwise.
+            drawer writes the character slanted and placed differently), off otherwise. ``"strokes"``: a wider
+            affine plus a mild elastic distortion (``presets.STROKES_AFFINE``, ``presets.STROKES_ELASTIC``).
         val_fraction: Share of each class's training pool, after removing the chosen shots, used for
             validation (at most ``max_val_per_class`` images per class); 0 disables it. Ignored when the
             ImageFolder has a ``val/`` folder.
@@ -134,7 +138,7 @@ class FewShotDataModule(L.LightningDataModule):
         crop_mode: str | None = None,
         hflip: bool | None = None,
         crop_scale: tuple[float, float] | None = None,
-        affine: bool | None = None,
+        affine: bool | str | None = None,
         val_fraction: float = 0.0,
         max_val_per_class: int = 20,
         on_bad_image: str = "skip",

@@ -47,6 +47,13 @@ INTERPOLATION_NAME = "bicubic"  # the same, in timm's ``pretrained_cfg`` vocabul
 # rotation, position and size. Pretraining test_resnet on Omniglot at 56 px for 20 epochs, it cut the nearest-class-
 # mean 1-shot error on the 20 official runs from 14.8% to 10.3%.
 AFFINE = {"rotate": (-15.0, 15.0), "shear": (-10.0, 10.0), "translate_percent": (-0.08, 0.08), "scale": (0.9, 1.1)}
+# ``affine="strokes"``: a wider affine (shear and scale as wide as the distortions of Koch et al. 2015's Siamese
+# network, arXiv-less ICML workshop paper) and, on every other image, a mild elastic distortion of the strokes
+# (Simard et al. 2003), strengths picked by eye on the 28 px centred render so strokes wobble but do not break.
+STROKES_AFFINE = {"rotate": (-15.0, 15.0), "shear": (-20.0, 20.0), "translate_percent": (-0.08, 0.08),
+                  "scale": (0.8, 1.2)}
+STROKES_ELASTIC = {"alpha": 50.0, "sigma": 5.0, "p": 0.5}
+AFFINE_MODES = (False, True, "strokes")
 
 
 def train_transform(
@@ -183,7 +190,8 @@ def train_transform_from(preprocessing: Mapping[str, object]) -> A.Compose:
     """
     transform = train_transform(preprocessing["image_size"], preprocessing["mean"], preprocessing["std"],
                                 tuple(preprocessing["crop_scale"]), preprocessing["hflip"])
-    return with_random_affine(transform) if preprocessing.get("affine") else transform
+    mode = preprocessing.get("affine") or False
+    return with_random_affine(transform, mode) if mode else transform
 
 
 def eval_transform_from(preprocessing: Mapping[str, object]) -> EvalTransform:
@@ -202,9 +210,16 @@ def eval_transform_from(preprocessing: Mapping[str, object]) -> EvalTransform:
     return EvalTransform(timm_data_config(preprocessing))
 
 
-def with_random_affine(transform: A.Compose) -> A.Compose:
-    """``transform`` preceded by the random affine :data:`AFFINE` (uncovered borders black, Omniglot's background)."""
-    return A.Compose([A.Affine(**AFFINE, fill=0, p=1.0), *transform.transforms])
+def with_random_affine(transform: A.Compose, mode: bool | str = True) -> A.Compose:
+    """``transform`` preceded by the random affine :data:`AFFINE` (uncovered borders black, Omniglot's background);
+    ``mode="strokes"``: by :data:`STROKES_AFFINE` and the elastic distortion :data:`STROKES_ELASTIC` instead."""
+    if mode not in AFFINE_MODES:
+        raise ValueError(f"affine must be one of {AFFINE_MODES}, got {mode!r}")
+    if mode == "strokes":
+        steps = [A.Affine(**STROKES_AFFINE, fill=0, p=1.0), A.ElasticTransform(**STROKES_ELASTIC, fill=0)]
+    else:
+        steps = [A.Affine(**AFFINE, fill=0, p=1.0)]
+    return A.Compose([*steps, *transform.transforms])
 
 
 def data_config_from_model(model: nn.Module) -> dict:

@@ -22,7 +22,14 @@ from .base import (
 from .coco import COCO
 from .digits import DIGITS
 from .imagefolder import IMAGEFOLDER
-from .omniglot import DIGITS_WITH_OMNIGLOT, OMNIGLOT
+from .omniglot import (
+    DIGITS_WITH_OMNIGLOT,
+    OMNIGLOT,
+    OMNIGLOT_DEV,
+    OMNIGLOT_DEV_56,
+    OMNIGLOT_UNIQUE,
+    OMNIGLOT_UNIQUE_56,
+)
 from .synthetic_scenes import SYNTHETIC, SYNTHETIC_BASE, SYNTHETIC_NIGHT
 from .torchvision_sets import SOURCES as TORCHVISION_SOURCES
 
@@ -83,7 +90,8 @@ def _lookup(table: dict, name: str, task: str):
     return table[name]
 
 
-for _source in (DIGITS, IMAGEFOLDER, DIGITS_WITH_OMNIGLOT, OMNIGLOT, *TORCHVISION_SOURCES):
+for _source in (DIGITS, IMAGEFOLDER, DIGITS_WITH_OMNIGLOT, OMNIGLOT, OMNIGLOT_UNIQUE, OMNIGLOT_DEV,
+                OMNIGLOT_UNIQUE_56, OMNIGLOT_DEV_56, *TORCHVISION_SOURCES):
     register_classification_source(_source)
 for _source in (SYNTHETIC, SYNTHETIC_NIGHT, SYNTHETIC_BASE, COCO):
     register_detection_source(_source)

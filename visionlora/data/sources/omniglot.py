@@ -16,6 +16,7 @@ Renders (every one returns ink bright on black, ``[H, W, 3]`` uint8):
   drawer happened to write, as Lake et al.'s modified-Hausdorff baseline does with centred ink coordinates, and
   scaling to the box removes the drawer's writing size; the margin leaves room for shift augmentation. Pretraining
   (``omniglot_background_part``) and the one-shot runs (``omniglot_one_shot_runs``) use this same render.
+- ``"centred56"``: the same at 56 pixels (``CENTRED_RENDERS``).
 
 The 20 official one-shot runs (``all_runs.zip``) are each a 20-way 1-shot problem inside one evaluation alphabet:
 one training image of each of 20 characters and 20 test images drawn by other people. The archive renames every
@@ -41,14 +42,21 @@ from . import digits
 from .base import ClassificationPools, ClassificationSource, LabelledImages, SourceOptions
 
 BACKGROUND_SMALL = ("images_background_small1", "images_background_small2")
-RENDERS = ("native", "digits", "centred")
+RENDERS = ("native", "digits", "centred", "centred56")
 CENTRED_SIDE = 28
+# The centred renders by name and side: "centred56" keeps twice the detail of "centred" (for a 56 px input it is
+# the native resolution instead of a 2x upsampling of 28 px).
+CENTRED_RENDERS = {"centred": CENTRED_SIDE, "centred56": 56}
 CENTRED_MARGIN = 0.1
 # Each background character was drawn by 20 people; files are named <image id>_<drawer 01..20>.png. A fixed split
 # by drawer keeps every character in both parts, so pretraining reports accuracy on unseen handwriting.
 DRAWERS = 20
 TRAIN_DRAWERS = range(1, 17)
 TEST_DRAWERS = range(17, 21)
+# Two background-small alphabets held out of the validation backbones' pretraining: the within-alphabet 20-way
+# 1-shot validation episodes (omniglot_validation_episodes) are drawn from them. They are the two alphabets of at
+# least 20 characters that appear in one split only (Greek and Latin are in both; Tagalog has 17 characters).
+VALIDATION_ALPHABETS = ("Balinese", "Early_Aramaic")
 RUNS_ARCHIVE = "all_runs"
 NUM_RUNS = 20
 RUN_WAYS = 20
@@ -116,6 +124,69 @@ def omniglot_background_part(root: str | Path, part: str = "train", render: str 
     images, labels, names, files = _cached_read_background(str(root), BACKGROUND_SMALL, render)
     keep = np.flatnonzero(np.isin(_drawers(files), drawers[part]))
     return images[keep], labels[keep], list(names), [files[i] for i in keep]
+
+
+def omniglot_background_unique(root: str | Path, part: str = "train", render: str = "centred",
+                                exclude_alphabets: Sequence[str] = ()
+                                ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """:func:`omniglot_background_part` with each character once and ``exclude_alphabets`` left out.
+
+    The two background-small splits share two alphabets: Greek (24 characters) and Latin (26) are in both, with
+    byte-identical images, so the 292 split-named classes are 242 characters and 50 of them appear twice (two
+    softmax classes with the same images). Here the second split's copy is dropped (names stay
+    ``split/alphabet/char`` of the copy kept), and every character of an excluded alphabet (by alphabet name, in
+    either split) is left out: the pretraining set of the validation backbones excludes ``VALIDATION_ALPHABETS``.
+
+    Returns:
+        ``(images, labels 0..C-1, class names, archive paths)`` of drawers ``TRAIN_DRAWERS`` or ``TEST_DRAWERS``.
+    """
+    images, labels, names, files = omniglot_background_part(root, part, render)
+    unknown = sorted(set(exclude_alphabets) - {name.split("/")[1] for name in names})
+    if unknown:
+        raise ValueError(f"omniglot: exclude_alphabets {unknown} are not background-small alphabets")
+    kept = _distinct_characters(names, tuple(exclude_alphabets))
+    relabel = np.full(len(names), -1, dtype=np.int64)
+    relabel[kept] = np.arange(len(kept))
+    rows = np.flatnonzero(relabel[labels] >= 0)
+    return images[rows], relabel[labels[rows]], [names[i] for i in kept], [files[i] for i in rows]
+
+
+def omniglot_validation_episodes(root: str | Path, episodes: int = 30, seed: int = 0,
+                                 alphabets: Sequence[str] = VALIDATION_ALPHABETS, ways: int = RUN_WAYS,
+                                 render: str = "centred") -> list[OneShotRun]:
+    """Within-alphabet ``ways``-way 1-shot episodes in the official runs' style, from background alphabets.
+
+    Episode ``e`` (drawn with ``numpy.random.default_rng([seed, e])``) takes the alphabet ``alphabets[e % len]``,
+    ``ways`` of its characters, one support drawer and another query drawer: one support image per character from
+    the first drawer, one query image per character from the second, queries in a shuffled order. Only the
+    validation backbones' pretraining (``omniglot-dev``) leaves these alphabets out; a backbone trained on all
+    background characters has seen them.
+
+    Returns:
+        ``episodes`` :class:`OneShotRun` (``run_id`` = episode number), support labels ``0..ways-1``.
+    """
+    if episodes < 1 or ways < 2:
+        raise ValueError(f"omniglot: validation episodes need episodes >= 1 and ways >= 2, got {episodes}, {ways}")
+    images, labels, names, files = _cached_read_background(str(root), BACKGROUND_SMALL, render)
+    drawers = _drawers(files)
+    by_alphabet = {a: [c for c, name in enumerate(names) if name.split("/")[1] == a] for a in alphabets}
+    for alphabet, characters in by_alphabet.items():
+        if len(characters) < ways:
+            raise ValueError(f"omniglot: validation alphabet {alphabet!r} has {len(characters)} characters in "
+                             f"{BACKGROUND_SMALL}, a {ways}-way episode needs {ways}")
+    lookup = {(int(c), int(d)): i for i, (c, d) in enumerate(zip(labels, drawers, strict=True))}
+    runs = []
+    for episode in range(episodes):
+        rng = np.random.default_rng([seed, episode])
+        characters = np.sort(rng.choice(by_alphabet[alphabets[episode % len(alphabets)]], ways, replace=False))
+        support_drawer, query_drawer = rng.choice(np.arange(1, DRAWERS + 1), 2, replace=False)
+        order = rng.permutation(ways)
+        support = [lookup[(int(c), int(support_drawer))] for c in characters]
+        query = [lookup[(int(characters[k]), int(query_drawer))] for k in order]
+        runs.append(OneShotRun(run_id=episode, train_images=images[support],
+                               train_labels=np.arange(ways, dtype=np.int64), test_images=images[query],
+                               test_labels=order.astype(np.int64)))
+    return runs
 
 
 def omniglot_one_shot_runs(root: str | Path, render: str = "centred") -> list[OneShotRun]:
@@ -300,8 +371,8 @@ def _render(png: bytes, render: str) -> np.ndarray:
     ink = np.asarray(Image.open(io.BytesIO(png)).convert("L")) < 128
     if render == "native":
         grey = (ink * 255).astype(np.uint8)
-    elif render == "centred":
-        grey = render_centred(ink)
+    elif render in CENTRED_RENDERS:
+        grey = render_centred(ink, side=CENTRED_RENDERS[render])
     else:
         # The same 0..16 -> 0..255 scaling as visionlora.data.sources.digits.
         grey = np.rint(render_like_digits(ink) * (255.0 / 16.0)).astype(np.uint8)
@@ -369,6 +440,30 @@ def _background_pools(options: SourceOptions) -> ClassificationPools:
                                partial(list, files))
 
 
+def _unique_pools(options: SourceOptions, exclude: tuple[str, ...] = (), render: str = "centred"
+                  ) -> ClassificationPools:
+    images, labels, names, files = omniglot_background_unique(options.root, "train", render, exclude)
+    test_images, test_labels, _, _ = omniglot_background_unique(options.root, "test", render, exclude)
+    return ClassificationPools(names, LabelledImages(images, labels), LabelledImages(test_images, test_labels), None,
+                               partial(list, files))
+
+
+def _unique_classes(options: SourceOptions, exclude: tuple[str, ...] = ()) -> list[str]:
+    names = omniglot_background_class_names(options.root)
+    return [names[i] for i in _distinct_characters(names, exclude)]
+
+
+def _distinct_characters(names: list[str], exclude: tuple[str, ...]) -> list[int]:
+    """Indices of the first ``split/alphabet/char`` name of each (alphabet, char), outside ``exclude``'s alphabets."""
+    kept, seen = [], set()
+    for index, name in enumerate(names):
+        character = tuple(name.split("/")[1:])
+        if character[0] not in exclude and character not in seen:
+            kept.append(index)
+        seen.add(character)
+    return kept
+
+
 _ROOT_HELP = "the folder of images_background_small1.zip and images_background_small2.zip or their folders"
 # Pretraining data for the digits task: the digits of ``classes`` and every background-small character rendered
 # like a digit; the test split holds only the digits.
@@ -389,4 +484,39 @@ OMNIGLOT = ClassificationSource(
     selection_column="omniglot_file",
     root_help=_ROOT_HELP,
     preprocessing={**digits.STROKE_PREPROCESSING, "affine": True},
+)
+# The same drawers with each of the 242 distinct characters once (Greek and Latin are in both splits).
+OMNIGLOT_UNIQUE = ClassificationSource(
+    name="omniglot-unique",
+    list_classes=_unique_classes,
+    read=_unique_pools,
+    selection_column="omniglot_file",
+    root_help=_ROOT_HELP,
+    preprocessing=OMNIGLOT.preprocessing,
+)
+# Recipe search: the distinct characters without VALIDATION_ALPHABETS, whose episodes validate the backbone.
+OMNIGLOT_DEV = ClassificationSource(
+    name="omniglot-dev",
+    list_classes=partial(_unique_classes, exclude=VALIDATION_ALPHABETS),
+    read=partial(_unique_pools, exclude=VALIDATION_ALPHABETS),
+    selection_column="omniglot_file",
+    root_help=_ROOT_HELP,
+    preprocessing=OMNIGLOT.preprocessing,
+)
+# The same two at the 56 px centred render ("centred56"): the runs must then be read with render="centred56".
+OMNIGLOT_UNIQUE_56 = ClassificationSource(
+    name="omniglot-unique56",
+    list_classes=_unique_classes,
+    read=partial(_unique_pools, render="centred56"),
+    selection_column="omniglot_file",
+    root_help=_ROOT_HELP,
+    preprocessing=OMNIGLOT.preprocessing,
+)
+OMNIGLOT_DEV_56 = ClassificationSource(
+    name="omniglot-dev56",
+    list_classes=partial(_unique_classes, exclude=VALIDATION_ALPHABETS),
+    read=partial(_unique_pools, exclude=VALIDATION_ALPHABETS, render="centred56"),
+    selection_column="omniglot_file",
+    root_help=_ROOT_HELP,
+    preprocessing=OMNIGLOT.preprocessing,
 )
