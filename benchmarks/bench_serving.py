@@ -6,8 +6,8 @@ head each):
 
 * memory: bytes of the parameters and buffers (each storage once) of one backbone with N adapters and heads,
   against N merged models (N x one plain model: a merged model has exactly the plain model's tensors); and the
-  resident memory (RSS) that building each adds in a fresh process (Linux), over the RSS after the imports and one
-  throw-away model. The byte count is exact; RSS adds allocator slack.
+  resident memory (RSS) that building each adds in a fresh process (Linux), over the RSS after the imports. The
+  byte count is exact; RSS adds allocator slack.
 * throughput (images/s) of one stream of requests whose tasks are drawn at random, taken in arrivals of
   ``--batch-size``: ``mixed`` runs each arrival as one mixed-task batch (``adapter_batch``); ``switch`` groups it by
   task and runs each group after ``set_adapter``; ``merged/task`` runs each group on that task's own model (N copies
@@ -90,10 +90,13 @@ def multi_task_model(base, count: int, rank: int, args, copy_base: bool = True):
 
 def resident_mb(what: str, name: str, count: int, rank: int, args) -> float:
     """Resident memory (MB) that building ``what`` adds in a fresh process: ``adapters`` (one backbone with
-    ``count`` adapters and heads) or ``merged`` (``count`` plain models); the growth of RSS over the RSS after the
-    imports and one throw-away model (so allocator and library warm-up are not counted)."""
+    ``count`` adapters and heads) or ``merged`` (``count`` plain models): RSS after building minus RSS after the
+    imports. glibc's mmap threshold is pinned at 128 KiB so that every tensor buffer is its own mapping, freed to
+    the OS when freed: with the default dynamic threshold, temporaries freed while building stay resident and
+    the growth measures the allocator's history rather than what is kept."""
     command = [sys.executable, __file__, "--rss-worker", what, name, str(count), str(rank), str(args.classes)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -102,11 +105,12 @@ def rss_worker(what: str, name: str, count: str, rank: str, classes: str) -> Non
 
     import timm
 
+    import visionlora.lora  # noqa: F401  (imported before the baseline, as the model building needs it)
+
     def rss() -> float:
         gc.collect()
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-    timm.create_model(name, pretrained=False, num_classes=int(classes))  # warm-up, freed
     before = rss()
     base = timm.create_model(name, pretrained=False, num_classes=int(classes))
     if what == "adapters":
