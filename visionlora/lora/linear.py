@@ -17,7 +17,37 @@ from .layer import DEFAULT_ADAPTER, Factors, LoraLayer, new_factor
 from .per_sample import add_linear_deltas_
 
 
-class LoraLinear(LoraLayer):
+class LinearKind(LoraLayer):
+    """What the Linear kinds share: the base is an ``nn.Linear`` and each adapter is one low-rank pair on its
+    weight (:meth:`low_rank_pair`), which the activation form and mixed-task batches apply."""
+
+    def low_rank_pair(self, slot: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with ΔW = scale · B·A on the whole weight: A (r, in), B (out, r)."""
+        raise NotImplementedError
+
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def activation_delta(self, x: torch.Tensor, adapter: str | nn.Module | None = None) -> torch.Tensor:
+        slot = self.slot(adapter)
+        a, b = self.low_rank_pair(slot)
+        # Scaling the r×out factor is cheaper than scaling the N×out output.
+        return F.linear(F.linear(x, a), b * slot.scale)
+
+    def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
+
+    def add_per_sample_deltas_(self, out: torch.Tensor, x: torch.Tensor, slots: list[nn.Module | None],
+                               sample_group: torch.Tensor) -> bool:
+        pairs = [None if slot is None else (*self.low_rank_pair(slot), slot.scale) for slot in slots]
+        add_linear_deltas_(out, x, pairs, sample_group)
+        return True
+
+    def fused_blocker(self, slot: nn.Module) -> str | None:
+        return slot_blocker(slot)
+
+
+class LoraLinear(LinearKind):
     """y = x·Wᵀ + b + scale · x·Aᵀ·Bᵀ for a wrapped ``nn.Linear``."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, scale: float, dropout: float = 0.0, use_dora: bool = False,
@@ -34,25 +64,8 @@ class LoraLinear(LoraLayer):
         slot = self.slot(adapter)
         return [Factors(slot.lora_A, slot.lora_B, slice(None), groups=1, rank=slot.rank)]
 
-    def base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    def activation_delta(self, x: torch.Tensor, adapter: str | nn.Module | None = None) -> torch.Tensor:
-        slot = self.slot(adapter)
-        # Scaling the r×out factor is cheaper than scaling the N×out output.
-        return F.linear(F.linear(x, slot.lora_A), slot.lora_B * slot.scale)
-
-    def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.base_layer.bias)
-
-    def add_per_sample_deltas_(self, out: torch.Tensor, x: torch.Tensor, slots: list[nn.Module | None],
-                               sample_group: torch.Tensor) -> bool:
-        pairs = [None if slot is None else (slot.lora_A, slot.lora_B, slot.scale) for slot in slots]
-        add_linear_deltas_(out, x, pairs, sample_group)
-        return True
-
-    def fused_blocker(self, slot: nn.Module) -> str | None:
-        return slot_blocker(slot)
+    def low_rank_pair(self, slot: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return slot.lora_A, slot.lora_B
 
     def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
         base = self.base_layer
@@ -122,7 +135,7 @@ class QKVSlices(nn.Module):
         return torch.cat(pieces, dim=0)
 
 
-class LoraFusedQKV(LoraLayer):
+class LoraFusedQKV(LinearKind):
     """A fused ``qkv`` Linear where any subset of q, k and v has its own LoRA factors."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, scale: float, slices: str = "qkv", dropout: float = 0.0,
@@ -139,27 +152,9 @@ class LoraFusedQKV(LoraLayer):
     def factors(self, adapter: str | nn.Module | None = None) -> list[Factors]:
         return self.slot(adapter).lora_slices.factors()
 
-    def base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    def activation_delta(self, x: torch.Tensor, adapter: str | nn.Module | None = None) -> torch.Tensor:
-        slot = self.slot(adapter)
-        slices = slot.lora_slices
-        return F.linear(F.linear(x, slices.stacked_A()), slices.block_B() * slot.scale)
-
-    def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.base_layer.bias)
-
-    def add_per_sample_deltas_(self, out: torch.Tensor, x: torch.Tensor, slots: list[nn.Module | None],
-                               sample_group: torch.Tensor) -> bool:
-        # Each adapter's slices as one rank-(r·slices) pair on the fused weight (block_B is exact, see QKVSlices).
-        pairs = [None if slot is None else (slot.lora_slices.stacked_A(), slot.lora_slices.block_B(), slot.scale)
-                 for slot in slots]
-        add_linear_deltas_(out, x, pairs, sample_group)
-        return True
-
-    def fused_blocker(self, slot: nn.Module) -> str | None:
-        return slot_blocker(slot)
+    def low_rank_pair(self, slot: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        # The slices as one rank-(r·slices) pair on the fused weight (block_B is exact, see QKVSlices).
+        return slot.lora_slices.stacked_A(), slot.lora_slices.block_B()
 
     def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
         # Every slice's A in one block: the base GEMM gains rank·n_slices columns; B stays per slice (block-sparse).
