@@ -16,7 +16,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from visionlora.data import FewShotDataset, eval_transform_from, train_transform_from
 from visionlora.data.common import seed_transform
@@ -91,6 +91,9 @@ def run_cell(spec: MethodSpec, backbone: Backbone, data: CellData, preprocessing
     module.imprint_head(_loader(data.train_images, data.train_labels, _eval(preprocessing), budget.eval_batch_size))
     if spec.trains:
         train_steps(module, spec, data, preprocessing, budget, seed)
+    if spec.objective == "ncc":
+        # The head imprinted before training holds the frozen features' class means; classify by the adapted ones.
+        module.imprint_head(_loader(data.train_images, data.train_labels, _eval(preprocessing), budget.eval_batch_size))
     accuracy = test_accuracy(module, test)
     changed = module.trainable_parameter_count() if spec.trains else _head_size(module)
     total = sum(p.numel() for p in module.parameters())
@@ -148,19 +151,23 @@ def has_attention(backbone: Backbone) -> bool:
 
 def train_steps(module: LoraClassifier, spec: MethodSpec, data: CellData, preprocessing: dict, budget: Budget,
                 seed: int) -> None:
-    """``budget.steps`` AdamW steps on augmented training batches, cycling through the shuffled images."""
+    """``budget.steps`` AdamW steps on augmented training batches, cycling through the shuffled images: of
+    cross-entropy through the head, or with ``objective='ncc'`` of :func:`ncc_loss` on two views of each image."""
     transform = train_transform_from(preprocessing)  # the data module's, random affine (Omniglot) included
     seed_transform(transform, seed)
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(budget.batch_size, len(data.train_labels))
-    loader = _loader(data.train_images, data.train_labels, transform, batch_size, shuffle=True, generator=generator)
+    dataset = FewShotDataset(data.train_images, data.train_labels, transform)
+    if spec.objective == "ncc":
+        dataset = _TwoViews(dataset)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     optimizer, schedule = adamw_warmup_cosine(module.parameter_groups(), budget.steps, budget.warmup_fraction)
     # A linear probe keeps the frozen backbone in eval mode: BatchNorm statistics of 5 images would drift otherwise.
     module.train(spec.method != "linear")
     step = 0
     while step < budget.steps:
-        for images, labels in loader:
-            loss = F.cross_entropy(module(images), labels)
+        for batch in loader:
+            loss = _step_loss(module, spec, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -169,6 +176,50 @@ def train_steps(module: LoraClassifier, spec: MethodSpec, data: CellData, prepro
             if step == budget.steps:
                 break
     module.eval()
+
+
+def _step_loss(module: LoraClassifier, spec: MethodSpec, batch: list[torch.Tensor]) -> torch.Tensor:
+    if spec.objective == "ncc":
+        return ncc_loss(module.model, *batch, scale=spec.cosine_scale)
+    images, labels = batch
+    return F.cross_entropy(module(images), labels)
+
+
+def ncc_loss(model: torch.nn.Module, first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor,
+             scale: float) -> torch.Tensor:
+    """The nearest-centroid classifier's loss of task-specific adapters (Li, Liu & Bilen 2022, arXiv:2107.00358),
+    with two augmented views: the cosine centroids of one view's features classify the other view, both ways.
+
+    Li et al. compute centroids and queries on the same support images; with one shot per class each image would
+    then be its own centroid and the loss would only sharpen the scale, so the second view is the query here.
+    Classes are those present in the batch. Cosine logits times ``scale``, the cosine head's temperature.
+    """
+    features = model.forward_head(model.forward_features(torch.cat([first, second])), pre_logits=True)
+    first_features, second_features = F.normalize(features, dim=1).chunk(2)
+    classes, targets = labels.unique(return_inverse=True)
+
+    def centroids(view: torch.Tensor) -> torch.Tensor:
+        sums = view.new_zeros(len(classes), view.shape[1]).index_add(0, targets, view)
+        return F.normalize(sums, dim=1)
+
+    forward = F.cross_entropy(scale * second_features @ centroids(first_features).T, targets)
+    backward = F.cross_entropy(scale * first_features @ centroids(second_features).T, targets)
+    return (forward + backward) / 2
+
+
+class _TwoViews(Dataset):
+    """Each item of a ``FewShotDataset`` with a random transform as two independent views and its label."""
+
+    def __init__(self, dataset: FewShotDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        first, label = self.dataset[index]
+        second, _ = self.dataset[index]
+        return first, second, label
 
 
 @torch.no_grad()

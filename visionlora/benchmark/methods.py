@@ -28,6 +28,9 @@ COSINE_SCALE = 10.0  # the default temperature of a "-cos" head
 # "<method>-lr<rate>" / "-hlr<rate>" (last): the method at another learning rate of its trained weights (LoRA
 # factors, backbone) or of its head, e.g. lora-r2-cos-hlr1e-4.
 LR_PATTERN = re.compile(r"(?P<base>.+)-(?P<which>h?lr)(?P<lr>\d+(\.\d+)?(e-?\d+)?)")
+# "<method>-ncc": the same method trained by the nearest-centroid loss between augmented views of the support set
+# instead of cross-entropy through a head (see cells.ncc_loss).
+NCC_PATTERN = re.compile(r"(?P<base>.+)-ncc")
 NAMED = ("ncm", "linear", "full", "scratch", "pixel-nn", "raw-nn")
 NEAREST_NEIGHBOUR = ("pixel-nn", "raw-nn")
 
@@ -50,6 +53,9 @@ class MethodSpec:
             architecture from random initialisation.
         cosine_scale: A cosine head of this scale (``LoraClassifier``'s ``cosine_scale``), initialised to the
             cosine class means: the method starts at the cosine nearest-class-mean classifier. None: linear head.
+        objective: ``ce`` (cross-entropy through the head) or ``ncc``: the nearest-centroid loss of task-specific
+            adapters (Li, Liu & Bilen 2022, arXiv:2107.00358) on two augmented views of the support set, after
+            which the head is imprinted again from the adapted features (a cosine nearest class mean).
     """
 
     name: str
@@ -61,6 +67,7 @@ class MethodSpec:
     head_lr: float = 3e-3
     pretrained: bool = True
     cosine_scale: float | None = None
+    objective: str = "ce"
 
     @property
     def trains(self) -> bool:
@@ -90,6 +97,9 @@ def parse_method(name: str) -> MethodSpec:
     ``ncm-cos``; ``-cos16`` for scale 16): its head is the cosine head of the class means (``COSINE_SCALE``
     unless given), so ``ncm-cos`` is the cosine nearest class mean and the others start from it.
 
+    ``-ncc`` after those (``lora-r2-ncc``, ``full-ncc``; a cosine head of ``COSINE_SCALE`` unless ``-cos<scale>``
+    says otherwise): the adapter trains by the nearest-centroid loss (``objective``), not through the head.
+
     Last come ``-lr<rate>`` (``lora-r2-cos-lr1e-3``: the learning rate of the LoRA factors or, for ``full``, the
     backbone) and ``-hlr<rate>`` (the head's; for ``linear`` both are the head's), in any order, for methods that
     train.
@@ -105,6 +115,12 @@ def parse_method(name: str) -> MethodSpec:
         both = base.method == "linear"
         changes = {"lr": value, "head_lr": value} if both else {"head_lr" if rate["which"] == "hlr" else "lr": value}
         return dataclasses.replace(base, name=name, **changes)
+    ncc = NCC_PATTERN.fullmatch(name)
+    if ncc is not None:
+        base = parse_method(ncc["base"])
+        if base.method not in ("lora", "full") or not base.pretrained:
+            raise ValueError(f"method {name!r}: -ncc needs a LoRA/DoRA method or full (it adapts the features)")
+        return dataclasses.replace(base, name=name, objective="ncc", cosine_scale=base.cosine_scale or COSINE_SCALE)
     cosine = COSINE_PATTERN.fullmatch(name)
     if cosine is not None and cosine["base"] not in (*NEAREST_NEIGHBOUR, "scratch"):
         scale = float(cosine["scale"]) if cosine["scale"] else COSINE_SCALE
@@ -123,7 +139,7 @@ def parse_method(name: str) -> MethodSpec:
     if match is None or int(match["rank"]) < 1:
         raise ValueError(f"unknown method {name!r}: use one of {', '.join(NAMED)}, or lora-r<rank>, "
                          f"lora-attn-r<rank>, lora-all-r<rank>, dora-r<rank> (rank >= 1), each but the nearest "
-                         f"neighbours and scratch with an optional -cos or -cos<scale> suffix, and the trained ones "
-                         f"with last -lr<rate> and/or -hlr<rate>")
+                         f"neighbours and scratch with an optional -cos or -cos<scale> suffix, LoRA/full with -ncc, "
+                         f"and the trained ones with last -lr<rate> and/or -hlr<rate>")
     return MethodSpec(name, "lora", rank=int(match["rank"]), scope=match["scope"] or "all",
                       use_dora=match["kind"] == "dora")

@@ -49,9 +49,11 @@ def sweep_settings(config, backbone: Backbone, preprocessing: dict) -> dict[str,
 
 def method_settings(sweep: dict[str, str], spec: MethodSpec) -> dict[str, str]:
     """The sweep's settings plus the method's own (learning rates, rank, scope, ...) and their hash."""
-    # A linear head (cosine_scale None) is left out, so rows written before cosine heads existed keep their hash.
+    # Defaults added later (a linear head, the cross-entropy objective) are left out, so rows written before those
+    # fields existed keep their hash.
+    later_defaults = {"cosine_scale": None, "objective": "ce"}
     spec_fields = {k: v for k, v in dataclasses.asdict(spec).items()
-                   if k != "name" and not (k == "cosine_scale" and v is None)}
+                   if k != "name" and not (k in later_defaults and v == later_defaults[k])}
     settings = sweep | {"method_spec": _json(spec_fields)}
     return settings | {"settings": settings_hash(settings)}
 
