@@ -24,6 +24,10 @@ per task group. Prints a table and writes ``benchmarks/results/serving.json``.
 
     python benchmarks/bench_serving.py
     python benchmarks/bench_serving.py --models resnet50 --tasks 1 16 --batches 3
+    python benchmarks/bench_serving.py --lora-fa --no-latency --out benchmarks/results/serving_lora_fa.json
+
+``--lora-fa``: the tasks are LoRA-FA adapters (``LoraConfig.freeze_A``: A a seeded frozen projection, only B
+trained), which hold one A per layer for all tasks (``visionlora/lora/frozen_a.py``).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--form", default="activation", choices=["auto", "activation", "weight"],
                         help="how LoRA layers apply their update (LoraConfig.form)")
+    parser.add_argument("--lora-fa", action="store_true",
+                        help="LoRA-FA tasks (freeze_A: one seeded A shared by every task, only B per task)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
     return parser.parse_args(argv)
@@ -82,7 +88,7 @@ def multi_task_model(base, count: int, rank: int, args, copy_base: bool = True):
 
     model = copy.deepcopy(base) if copy_base else base
     config = LoraConfig(r=rank, alpha=rank, targets=default_lora_targets(base), init="small-random",
-                        form=args.form)
+                        form=args.form, freeze_A=args.lora_fa)
     for index in range(count):
         add_adapter(model, f"t{index}", config, num_classes=args.classes)
     return model.eval()
@@ -94,13 +100,14 @@ def resident_mb(what: str, name: str, count: int, rank: int, args) -> float:
     imports. glibc's mmap threshold is pinned at 128 KiB so that every tensor buffer is its own mapping, freed to
     the OS when freed: with the default dynamic threshold, temporaries freed while building stay resident and
     the growth measures the allocator's history rather than what is kept."""
-    command = [sys.executable, __file__, "--rss-worker", what, name, str(count), str(rank), str(args.classes)]
+    command = [sys.executable, __file__, "--rss-worker", what, name, str(count), str(rank), str(args.classes),
+               str(int(args.lora_fa))]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def rss_worker(what: str, name: str, count: str, rank: str, classes: str) -> None:
+def rss_worker(what: str, name: str, count: str, rank: str, classes: str, lora_fa: str) -> None:
     import gc
 
     import timm
@@ -114,7 +121,7 @@ def rss_worker(what: str, name: str, count: str, rank: str, classes: str) -> Non
     before = rss()
     base = timm.create_model(name, pretrained=False, num_classes=int(classes))
     if what == "adapters":
-        settings = argparse.Namespace(classes=int(classes), form="activation")
+        settings = argparse.Namespace(classes=int(classes), form="activation", lora_fa=lora_fa == "1")
         kept = multi_task_model(base, int(count), int(rank), settings, copy_base=False)
     else:
         kept = [base] + [copy.deepcopy(base) for _ in range(int(count) - 1)]
@@ -179,7 +186,8 @@ def measure(name: str, count: int, rank: int, args) -> tuple[dict, dict | None]:
             merged[int(task[1:])](x[rows])
 
     one = tensor_bytes(base)
-    row = {"model": name, "rank": rank, "tasks": count, "batch_size": args.batch_size,
+    row = {"model": name, "adapter": "LoRA-FA" if args.lora_fa else "LoRA", "rank": rank, "tasks": count,
+           "batch_size": args.batch_size,
            "one_model_MB": one / 2**20, "adapters_MB": tensor_bytes(model) / 2**20, "merged_MB": count * one / 2**20}
     if sys.platform == "linux":
         row |= {"one_model_RSS_MB": resident_mb("merged", name, 1, rank, args),
@@ -205,11 +213,12 @@ def measure(name: str, count: int, rank: int, args) -> tuple[dict, dict | None]:
 
 
 def table(rows: list[dict]) -> str:
-    header = ("model", "r", "N", "1 model MB", "N adapters MB", "N merged MB", "mem ratio", "RSS ratio",
+    header = ("model", "adapter", "r", "N", "1 model MB", "N adapters MB", "N merged MB", "mem ratio", "RSS ratio",
               "merged x1 img/s", "mixed img/s", "switch img/s", "merged/task img/s", "mixed/merged", "paired")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in rows:
-        cells = [r["model"], str(r["rank"]), str(r["tasks"]), f"{r['one_model_MB']:.1f}", f"{r['adapters_MB']:.1f}",
+        cells = [r["model"], r.get("adapter", "LoRA"), str(r["rank"]), str(r["tasks"]), f"{r['one_model_MB']:.1f}",
+                 f"{r['adapters_MB']:.1f}",
                  f"{r['merged_MB']:.1f}", f"{r['memory_ratio']:.3f}", f"{r.get('memory_ratio_RSS', float('nan')):.3f}",
                  f"{r['reference_ips']:.1f}",
                  f"{r['mixed_ips']:.1f}", f"{r['switch_ips']:.1f}", f"{r['merged_per_task_ips']:.1f}",
@@ -232,14 +241,15 @@ def latency_table(rows: list[dict]) -> str:
 def verdicts(rows: list[dict]) -> list[str]:
     found = []
     for r in rows:
+        what = f"{r['model']} {r.get('adapter', 'LoRA')} r={r['rank']}"
         if r["tasks"] == max(row["tasks"] for row in rows if row["model"] == r["model"]):
             ok = r["memory_ratio"] <= TARGET_MEMORY
             rss = f"; resident {r['memory_ratio_RSS']:.3f} x" if "memory_ratio_RSS" in r else ""
             ok = ok and r.get("memory_ratio_RSS", 0) <= TARGET_MEMORY
-            found.append(f"{'PASS' if ok else 'FAIL'} {r['model']} r={r['rank']} memory of {r['tasks']} tasks "
+            found.append(f"{'PASS' if ok else 'FAIL'} {what} memory of {r['tasks']} tasks "
                          f"{r['memory_ratio']:.3f} x one model in tensor bytes{rss} (target <= {TARGET_MEMORY})")
         ok = r["mixed_vs_merged"] >= TARGET_THROUGHPUT
-        found.append(f"{'PASS' if ok else 'FAIL'} {r['model']} r={r['rank']} N={r['tasks']} mixed throughput "
+        found.append(f"{'PASS' if ok else 'FAIL'} {what} N={r['tasks']} mixed throughput "
                      f"{r['mixed_vs_merged']:.3f} x one merged model (target >= {TARGET_THROUGHPUT}; paired per "
                      f"arrival {r['mixed_vs_merged_paired']:.3f})")
     return found

@@ -55,6 +55,18 @@ def test_parse_method(name, method, rank, scope, dora):
         assert spec.lora_config(is_vit=False).targets == ["conv"] if scope == "all" else True
 
 
+def test_lorafa_is_lora_with_A_frozen_and_enters_the_settings_hash():
+    from visionlora.benchmark.settings import method_settings
+
+    spec = parse_method("lorafa-r4")
+    config = spec.lora_config(is_vit=False)
+    assert (spec.method, spec.rank, config.freeze_A, config.targets) == ("lora", 4, True, ["conv"])
+    assert parse_method("lora-r4").lora_config(is_vit=False).freeze_A is False
+    sweep = {field: "" for field in SETTING_FIELDS if field not in ("method_spec", "settings")}
+    assert "freeze_A" not in method_settings(sweep, parse_method("lora-r4"))["method_spec"]
+    assert '"freeze_A": true' in method_settings(sweep, spec)["method_spec"]
+
+
 @pytest.mark.parametrize("bad", ["lora", "lora-r0", "lora-x-r4", "knn", "LoRA-r4"])
 def test_unknown_method_names_the_choices(bad):
     with pytest.raises(ValueError, match="unknown method"):

@@ -21,7 +21,7 @@ from visionlora.lora import LoraConfig
 
 # Targets per scope; "all" adapts what the family preset adapts: every linear layer of a ViT block, or every conv.
 SCOPES = {"attn": ["attn"], "all-vit": ["vit-all"], "all-conv": ["conv"]}
-METHOD_PATTERN = re.compile(r"(?P<kind>lora|dora)(-(?P<scope>attn|all))?-r(?P<rank>\d+)")
+METHOD_PATTERN = re.compile(r"(?P<kind>lora|dora|lorafa)(-(?P<scope>attn|all))?-r(?P<rank>\d+)")
 # "<method>-cos" or "<method>-cos<scale>": the same method with a prototype-initialised cosine head.
 COSINE_PATTERN = re.compile(r"(?P<base>.+)-cos(?P<scale>\d+)?")
 COSINE_SCALE = 10.0  # the default temperature of a "-cos" head
@@ -47,6 +47,7 @@ class MethodSpec:
         rank: LoRA rank (LoRA/DoRA only).
         scope: ``attn`` (attention projections only) or ``all`` (every layer the family preset adapts).
         use_dora: Weight-decomposed LoRA.
+        freeze_A: LoRA-FA (Zhang et al. 2023, arXiv:2308.03303): A a seeded frozen projection, only B trains.
         lr: Learning rate of the LoRA factors or, for ``full``, of the backbone.
         head_lr: Learning rate of the classifier head.
         pretrained: Start from the backbone's pretrained weights; ``False`` (``scratch``) builds the same
@@ -63,6 +64,7 @@ class MethodSpec:
     rank: int = 0
     scope: str = "all"
     use_dora: bool = False
+    freeze_A: bool = False
     lr: float = 3e-3
     head_lr: float = 3e-3
     pretrained: bool = True
@@ -81,12 +83,13 @@ class MethodSpec:
         if self.scope == "attn" and not is_vit:
             raise ValueError(f"method {self.name!r}: attention-only LoRA needs a backbone with attention blocks")
         targets = SCOPES["attn"] if self.scope == "attn" else SCOPES["all-vit" if is_vit else "all-conv"]
-        return LoraConfig(r=self.rank, alpha=float(self.rank), targets=targets, use_dora=self.use_dora)
+        return LoraConfig(r=self.rank, alpha=float(self.rank), targets=targets, use_dora=self.use_dora,
+                          freeze_A=self.freeze_A)
 
 
 def parse_method(name: str) -> MethodSpec:
     """``ncm``, ``pixel-nn``, ``raw-nn``, ``linear``, ``full``, ``scratch``, ``lora-r8``, ``lora-attn-r4``,
-    ``lora-all-r16``, ``dora-r8``.
+    ``lora-all-r16``, ``dora-r8``, ``lorafa-r8`` (LoRA-FA: A frozen, only B trains).
 
     - ``pixel-nn``: 1-nearest-neighbour (Euclidean) on the eval-transformed, normalised model input.
     - ``raw-nn``: 1-nearest-neighbour (Euclidean) on the untransformed images as stored (raw pixels).
@@ -138,8 +141,9 @@ def parse_method(name: str) -> MethodSpec:
     match = METHOD_PATTERN.fullmatch(name)
     if match is None or int(match["rank"]) < 1:
         raise ValueError(f"unknown method {name!r}: use one of {', '.join(NAMED)}, or lora-r<rank>, "
-                         f"lora-attn-r<rank>, lora-all-r<rank>, dora-r<rank> (rank >= 1), each but the nearest "
+                         f"lora-attn-r<rank>, lora-all-r<rank>, dora-r<rank>, lorafa-r<rank> (rank >= 1), "
+                         f"each but the nearest "
                          f"neighbours and scratch with an optional -cos or -cos<scale> suffix, LoRA/full with -ncc, "
                          f"and the trained ones with last -lr<rate> and/or -hlr<rate>")
     return MethodSpec(name, "lora", rank=int(match["rank"]), scope=match["scope"] or "all",
-                      use_dora=match["kind"] == "dora")
+                      use_dora=match["kind"] == "dora", freeze_A=match["kind"] == "lorafa")

@@ -51,7 +51,7 @@ def method_settings(sweep: dict[str, str], spec: MethodSpec) -> dict[str, str]:
     """The sweep's settings plus the method's own (learning rates, rank, scope, ...) and their hash."""
     # Defaults added later (a linear head, the cross-entropy objective) are left out, so rows written before those
     # fields existed keep their hash.
-    later_defaults = {"cosine_scale": None, "objective": "ce"}
+    later_defaults = {"cosine_scale": None, "objective": "ce", "freeze_A": False}
     spec_fields = {k: v for k, v in dataclasses.asdict(spec).items()
                    if k != "name" and not (k in later_defaults and v == later_defaults[k])}
     settings = sweep | {"method_spec": _json(spec_fields)}

@@ -43,7 +43,17 @@ from .adapters import (
     stage_slots,
 )
 from .config import LoraConfig
-from .inject import AdapterRecord, LoraState, attach, build_layers, lora_layers, lora_state, trained_module
+from .frozen_a import share_frozen_factors
+from .inject import (
+    AdapterRecord,
+    LoraState,
+    attach,
+    build_layers,
+    frozen_A_adapters,
+    lora_layers,
+    lora_state,
+    trained_module,
+)
 from .layer import DEFAULT_ADAPTER, LoraLayer
 from .peft_layout import from_peft, peft_rank, to_peft
 from .targets import LayerSpec, base_modules, find_head_path, outermost
@@ -186,6 +196,9 @@ def _load_new_adapter(model: nn.Module, state: LoraState, name: str, specs: list
     with torch.no_grad():
         for target, value in updates:
             target.copy_(value)
+    if config.freeze_A:
+        for layer, slot in slots.values():
+            share_frozen_factors(layer, slot, frozen_A_adapters(state))
     labels = (own.get("head") or {}).get("label_names") if own else None
     record = AdapterRecord(config=config, specs=specs, trainable_paths=trainable, head=head,
                            label_names=checked_labels(labels, head, name))

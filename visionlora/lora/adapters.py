@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import LoraConfig
+from .frozen_a import seed_frozen_factors, share_frozen_factors
 from .inject import (
     AdapterRecord,
     LoraState,
     build_layer,
     build_slot,
     freeze_for_lora,
+    frozen_A_adapters,
     inject_adapter,
     lora_layers,
     lora_state,
@@ -95,8 +97,11 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig, num_classes: in
     check_shareable(state, name, config, trainable)
     specs = specs_from_config(model, config)
     staged = stage_slots(model, specs, name)
-    for layer, slot, _ in staged.values():
+    for path, (layer, slot, _) in staged.items():
         layer.initialize(config.init, slot)
+        if config.freeze_A:
+            seed_frozen_factors(layer, slot, path, config.A_seed)
+            share_frozen_factors(layer, slot, frozen_A_adapters(state))
     head = new_head(model, state, num_classes)
     record = AdapterRecord(config=config, specs=specs, trainable_paths=trainable, head=head,
                            label_names=checked_labels(label_names, head, name))

@@ -66,6 +66,10 @@ class LoraConfig:
             ``activation``, ``weight`` or ``fused`` force one (``fused`` falls back to what ``auto`` picks among
             the others where a layer has none: DoRA, dropout, StdConv2d/Conv2dSame). Results agree to float
             rounding.
+        freeze_A: LoRA-FA (Zhang et al. 2023, arXiv:2308.03303): A is a seeded random projection (Kaiming-uniform
+            from ``A_seed`` and the module path), frozen; only B (and the head) trains. Tasks trained with the
+            same seed share one A in memory when loaded onto one backbone (see ``visionlora/lora/frozen_a.py``).
+        A_seed: The seed of LoRA-FA's A.
     """
 
     r: int = 8
@@ -84,6 +88,8 @@ class LoraConfig:
     freeze_bn_stats: bool = True
     split_qkv: bool = True
     form: str = "auto"
+    freeze_A: bool = False
+    A_seed: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,6 +106,9 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
         if self.form not in FORMS:
             raise ValueError(f"LoraConfig.form must be one of {FORMS}, got {self.form!r}")
+        if self.freeze_A and self.init == "pissa":
+            raise ValueError("LoraConfig.freeze_A: LoRA-FA freezes A at a seeded random projection, but init='pissa' "
+                             "sets A to the weight's principal directions; use another init")
         if isinstance(self.targets, str):
             self.targets = [self.targets]
         if not self.targets:

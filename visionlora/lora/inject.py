@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .config import LoraConfig
 from .conv import LoraConv2d
+from .frozen_a import frozen_factor_parameters, seed_frozen_factors
 from .layer import DEFAULT_ADAPTER, LoraLayer
 from .linear import LoraFusedQKV, LoraLinear
 from .mha import LoraMultiheadAttention
@@ -85,6 +86,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str, head: nn.Mod
     specs = specs_from_config(model, config)
     layers = build_layers(model, specs, name)
     initialize_layers(layers, config.init)
+    if config.freeze_A:
+        for path, layer in layers.items():
+            seed_frozen_factors(layer, layer.slot(name), path, config.A_seed)
     attach(model, layers, config, specs, name=name, head=head, label_names=label_names)
     return model
 
@@ -211,6 +215,16 @@ def freeze_for_lora(model: nn.Module, state: LoraState) -> None:
         trained_fully = any(path == p or path.startswith(p + ".") for p in trained_paths)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and state.config.freeze_bn_stats and not trained_fully:
             state.bn_hooks.append(module.register_forward_pre_hook(_keep_bn_in_eval))
+    for name in frozen_A_adapters(state):
+        for layer in lora_layers(model).values():
+            slot = layer.slot_or_none(name)
+            for factor in frozen_factor_parameters(layer, slot) if slot is not None else []:
+                factor.requires_grad_(False)
+
+
+def frozen_A_adapters(state: LoraState) -> list[str]:
+    """The adapters trained with LoRA-FA (``LoraConfig.freeze_A``), whose A stays frozen."""
+    return [name for name, record in state.adapters.items() if record.config.freeze_A]
 
 
 def lora_state(model: nn.Module) -> LoraState | None:
