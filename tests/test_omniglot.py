@@ -17,9 +17,9 @@ from visionlora.data.sources.omniglot import (
     CENTRED_SIDE,
     omniglot_background_class_names,
     omniglot_background_part,
-    omniglot_one_shot_runs,
     render_centred,
 )
+from visionlora.data.sources.omniglot_episodes import omniglot_one_shot_runs
 
 ROOT = Path(__file__).parents[1]
 OMNIGLOT = Path(__file__).parents[2] / "shared/datasets/omniglot"

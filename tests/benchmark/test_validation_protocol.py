@@ -10,7 +10,7 @@ from data.sources.test_omniglot_validation import write_background
 from visionlora.benchmark import SweepConfig, run_sweep
 from visionlora.benchmark.protocols import EPISODES_PER_SEED, omniglot_validation_cells, runs_preprocessing
 from visionlora.data import eval_transform_from
-from visionlora.data.sources.omniglot import omniglot_validation_episodes
+from visionlora.data.sources.omniglot_episodes import omniglot_validation_episodes
 from visionlora.tasks.prototypes import nearest_class_mean, pooled_features
 
 from .conftest import ROOT

@@ -24,7 +24,7 @@ from visionlora.data import FewShotDataModule, sample_k_shot
 from visionlora.data.classification.datamodule import resolve_preprocessing
 from visionlora.data.classification.presets import normalize_data_config
 from visionlora.data.sources import classification_source
-from visionlora.data.sources.omniglot import (
+from visionlora.data.sources.omniglot_episodes import (
     NUM_RUNS,
     RUNS_ARCHIVE,
     omniglot_one_shot_runs,

@@ -12,9 +12,9 @@ from visionlora.data.sources.omniglot import (
     digits_with_omniglot,
     omniglot_background,
     omniglot_background_class_names,
-    omniglot_one_shot_runs,
     render_like_digits,
 )
+from visionlora.data.sources.omniglot_episodes import omniglot_one_shot_runs
 
 
 def _png(ink_box: tuple[int, int, int, int]) -> bytes:

@@ -13,8 +13,8 @@ from visionlora.data.sources.base import SourceOptions
 from visionlora.data.sources.omniglot import (
     VALIDATION_ALPHABETS,
     omniglot_background_unique,
-    omniglot_validation_episodes,
 )
+from visionlora.data.sources.omniglot_episodes import omniglot_validation_episodes
 
 # (split, alphabet, characters): Greek is in both splits with the same images, as in the real archives.
 ALPHABETS = [("images_background_small1", "Balinese", 22), ("images_background_small1", "Early_Aramaic", 21),
