@@ -21,7 +21,12 @@ class LinearKind(LoraLayer):
     """What the Linear kinds share: the base is an ``nn.Linear`` and each adapter is one low-rank pair on its
     weight (:meth:`low_rank_pair`), which the activation form and mixed-task batches apply."""
 
-    supports_fused_split = True
+    @property
+    def supports_fused_split(self) -> bool:
+        # Expanding layers only (an MLP's fc1, qkv): fused-split reads x a second time and returns the input gradient
+        # with rows in + r apart, both cheap only where x is the narrow side. Where it is the wide one (fc2),
+        # a strided input gradient slows the GELU backward pass it feeds.
+        return self.base_layer.out_features > self.base_layer.in_features
 
     def low_rank_pair(self, slot: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with ΔW = scale · B·A on the whole weight: A (r, in), B (out, r)."""
