@@ -82,8 +82,9 @@ def format_table(model: str, result: dict) -> str:
         lines.append(interleaved_line(result["interleaved"]))
     forms = {v: r["forms"] for v, r in result["train"].items() if "forms" in r}
     if forms:
-        lines.append("LoRA forms chosen (fused/weight/activation layers): "
-                     + ", ".join(f"{v} {f['fused']}/{f['weight']}/{f['activation']}" for v, f in forms.items()))
+        lines.append("LoRA forms chosen (fused/fused-split/weight/activation layers): "
+                     + ", ".join(f"{v} {f['fused']}/{f.get('fused-split', 0)}/{f['weight']}/{f['activation']}"
+                                 for v, f in forms.items()))
     return "\n".join(lines)
 
 
@@ -190,7 +191,7 @@ def markdown_table(results: dict) -> str:
     medians, peak RSS over full fine-tuning and merged/base inference, one row per model."""
     header = ("| model (targets) | floor ms | visionlora x floor | visionlora_fused x floor | PEFT x floor "
               "| visionlora / PEFT | separate processes: visionlora x floor | peak RSS visionlora / full "
-              "| merged / base | forms fused/weight/act. |")
+              "| merged / base | forms fused/split/weight/act. |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for model, result in results.items():
         inter, train = result.get("interleaved", {}), result["train"]
@@ -204,7 +205,7 @@ def markdown_table(results: dict) -> str:
             _fmt(ratio(_metric(train, "visionlora", "median_ms"), _metric(train, FLOOR, "median_ms"))),
             _fmt(ratio(_metric(train, "visionlora", "peak_rss_mb"), _metric(train, "full", "peak_rss_mb"))),
             _fmt(result.get("inference", {}).get("merged_over_base"), ".3f"),
-            "/".join(str(forms.get(k, "-")) for k in ("fused", "weight", "activation")),
+            "/".join(str(forms.get(k, "-")) for k in ("fused", "fused-split", "weight", "activation")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -181,9 +181,9 @@ def run_interleaved(spec: dict) -> dict:
 
 
 def count_forms(model: nn.Module) -> dict[str, int]:
-    """How many LoRA layers run in each form (fused / weight / activation)."""
+    """How many LoRA layers run in each form (fused / fused-split / weight / activation)."""
     names = [layer.form_name() for layer in lora_layers(model).values()]
-    return {form: names.count(form) for form in ("fused", "weight", "activation")}
+    return {form: names.count(form) for form in ("fused", "fused-split", "weight", "activation")}
 
 
 def profile_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:

@@ -14,6 +14,7 @@ from visionlora.lora.inject import lora_layers
 from visionlora.lora.linear import LoraFusedQKV, LoraLinear
 
 FORMS = ("activation", "weight", "fused")
+LINEAR_CASES = ["linear-expanding", "qkv@qv", "qkv@qkv"]  # fused-split: Linears with out > in
 
 
 def _seeded(*shape: int, seed: int = 7) -> torch.Tensor:
@@ -28,6 +29,7 @@ def _conv(**kwargs):
 
 CASES = {
     "linear": (lambda form: LoraLinear(nn.Linear(12, 9), rank=3, scale=1.25, form=form), (2, 5, 12)),
+    "linear-expanding": (lambda form: LoraLinear(nn.Linear(6, 14), rank=3, scale=1.25, form=form), (2, 5, 6)),
     "qkv@qv": (lambda form: LoraFusedQKV(nn.Linear(12, 18), rank=2, scale=0.5, slices="qv", form=form), (2, 5, 12)),
     "qkv@qkv": (lambda form: LoraFusedQKV(nn.Linear(12, 18), rank=2, scale=0.5, slices="qkv", form=form), (4, 12)),
     "conv3x3-strided": (_conv(in_channels=6, out_channels=8, kernel_size=3, stride=2, padding=1), (2, 6, 9, 9)),
@@ -73,10 +75,50 @@ def test_fused_form_equals_activation_and_weight_forms(case):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["linear", "qkv@qv", "conv3x3-strided", "conv-grouped"])
-def test_fused_form_under_bf16_autocast(case):
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_fused_split_equals_activation_and_weight_forms(case):
     build, shape = CASES[case]
-    layer, y, gx, grads = _run(build, shape, "fused", autocast=True)
+    layer, y, gx, grads = _run(build, shape, "fused-split")
+    assert layer.form_name() == "fused-split" and layer.base_layer.weight.grad is None
+    assert len(grads) >= 2 and all(g.abs().max() > 0 for g in grads)
+    for form in ("activation", "weight", "fused"):
+        _, y_ref, gx_ref, grads_ref = _run(build, shape, form)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_split_output_is_contiguous_and_the_fused_one_strided():
+    build, shape = CASES["linear-expanding"]  # 6 -> 14, rank 3
+    split, fused = build("fused-split"), build("fused")
+    for layer in (split, fused):
+        layer.base_layer.requires_grad_(False)
+    x = _seeded(*shape)
+    y_split, y_fused = split(x), fused(x)
+    assert y_split.is_contiguous() and y_split.stride() == (70, 14, 1)
+    assert not y_fused.is_contiguous() and y_fused.stride() == (85, 17, 1)  # rows out + r = 17 apart
+    torch.relu_(y_split)  # in place on the output: allowed
+
+
+@pytest.mark.parametrize("case", ["conv3x3-strided", "linear"])  # a conv; a Linear with out <= in (12 -> 9)
+def test_fused_split_without_that_layout_runs_the_fused_form(case):
+    build, shape = CASES[case]
+    layer, y, gx, _ = _run(build, shape, "fused-split")
+    _, y_ref, gx_ref, _ = _run(build, shape, "weight")
+    assert layer.form_name() == "fused" and not layer.form_pending and not y.is_contiguous()
+    assert layer.candidate_forms(layer) == ["weight", "activation", "fused"]
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case, form", [("linear", "fused"), ("qkv@qv", "fused"), ("conv3x3-strided", "fused"),
+                                        ("conv-grouped", "fused"), ("linear-expanding", "fused-split"),
+                                        ("qkv@qv", "fused-split")])
+def test_fused_form_under_bf16_autocast(case, form):
+    build, shape = CASES[case]
+    layer, y, gx, grads = _run(build, shape, form, autocast=True)
+    assert layer.form_name() == form
     _, y_ref, gx_ref, grads_ref = _run(build, shape, "weight", autocast=True)
     assert all(g.dtype == torch.float32 for g in grads)  # factor gradients in the factors' dtype
     scale = y_ref.abs().max().item()
@@ -114,6 +156,8 @@ def test_fused_is_excluded_with_a_reason_and_falls_back():
     assert std.candidate_forms(std) == ["weight"]
     plain = LoraLinear(nn.Linear(6, 4), rank=2, scale=1.0)
     assert plain.candidate_forms(plain) == ["weight", "activation", "fused"]
+    wide = LoraLinear(nn.Linear(4, 6), rank=2, scale=1.0)
+    assert wide.candidate_forms(wide) == ["weight", "activation", "fused", "fused-split"]
 
 
 def test_stdconv_with_form_fused_equals_the_weight_form():
@@ -160,11 +204,14 @@ TIMM_CASES = [
 ]
 
 
+@pytest.mark.parametrize("form", ["fused", "fused-split"])
 @pytest.mark.parametrize("name, targets", TIMM_CASES, ids=[case[0] for case in TIMM_CASES])
-def test_timm_model_step_fused_equals_activation(name, targets):
-    loss_f, gx_f, grads_f, forms_f = _timm_step(name, "fused", targets)
+def test_timm_model_step_fused_equals_activation(name, targets, form):
+    loss_f, gx_f, grads_f, forms_f = _timm_step(name, form, targets)
     loss_a, gx_a, grads_a, forms_a = _timm_step(name, "activation", targets)
-    assert forms_f == {"fused"} and forms_a == {"activation"}
+    # fused-split: the expanding Linears (qkv, fc1) in that layout; convs, proj and fc2 in the fused one.
+    expected = {"fused"} if form == "fused" or name == "test_resnet" else {"fused-split", "fused"}
+    assert forms_f == expected and forms_a == {"activation"}
     assert len(grads_f) == len(grads_a) > 4 and sum(g.abs().sum() > 0 for g in grads_f.values()) > 4
     torch.testing.assert_close(loss_f, loss_a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx_f, gx_a, rtol=1e-4, atol=1e-6)
@@ -172,16 +219,20 @@ def test_timm_model_step_fused_equals_activation(name, targets):
         torch.testing.assert_close(grad, grads_a[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("activation_s, expected", [(0.8, "fused"), (0.7, "activation")])
-def test_auto_takes_another_form_only_when_it_is_a_quarter_faster(monkeypatch, activation_s, expected):
+@pytest.mark.parametrize("activation_s, split_s, expected", [
+    (0.8, 1.1, "fused"), (0.7, 1.1, "activation"),  # another form wins only when it is 25% faster ...
+    (0.8, 0.9, "fused-split"), (0.7, 0.9, "fused-split"),  # ... than the faster fused layout, taken as measured
+])
+def test_auto_takes_another_form_only_when_it_is_a_quarter_faster(monkeypatch, activation_s, split_s, expected):
     import itertools
 
     import visionlora.lora.layer as layer_module
 
-    durations = {"weight": 5.0, "activation": activation_s, "fused": 1.0}  # seconds per forward + backward
+    # seconds per forward + backward
+    durations = {"weight": 5.0, "activation": activation_s, "fused": 1.0, "fused-split": split_s}
     clock = itertools.accumulate(itertools.chain.from_iterable(
-        (0.0, durations[form]) for _ in range(3) for form in ("weight", "activation", "fused")))
+        (0.0, durations[form]) for _ in range(3) for form in durations))
     monkeypatch.setattr(layer_module.time, "perf_counter", clock.__next__)
-    layer = LoraLinear(nn.Linear(8, 8), rank=2, scale=1.0)
+    layer = LoraLinear(nn.Linear(8, 16), rank=2, scale=1.0)
     layer.base_layer.requires_grad_(False)
     assert layer_module.measure_faster_form(layer, torch.randn(3, 8)) == expected

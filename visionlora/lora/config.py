@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 INITS = ("default", "gaussian", "small-random", "pissa")
-FORMS = ("auto", "activation", "weight", "fused")
+FORMS = ("auto", "activation", "weight", "fused", "fused-split")
 QKV_SLICES = "qkv"
 # A target may end with "@" plus a subset of "qkv" to adapt only those slices of a fused qkv projection.
 SLICE_SEPARATOR = "@"
@@ -64,8 +64,9 @@ class LoraConfig:
             form (op(x) + x·Aᵀ·Bᵀ), the weight-space form (op(x, W + ΔW)) and the fused form (A rides in the
             frozen op's own GEMM/conv, see ``visionlora/lora/fused.py``), which wins unless another is 25% faster;
             ``activation``, ``weight`` or ``fused`` force one (``fused`` falls back to what ``auto`` picks among
-            the others where a layer has none: DoRA, dropout, StdConv2d/Conv2dSame). Results agree to float
-            rounding.
+            the others where a layer has none: DoRA, dropout, StdConv2d/Conv2dSame). ``fused-split`` forces the
+            fused form's second layout for Linears (a contiguous output, h = x·Aᵀ as its own thin GEMM; convs run
+            ``fused``), which ``auto`` also measures. Results agree to float rounding.
         freeze_A: LoRA-FA (Zhang et al. 2023, arXiv:2308.03303): A is a seeded random projection (Kaiming-uniform
             from ``A_seed`` and the module path), frozen; only B (and the head) trains. Tasks trained with the
             same seed share one A in memory when loaded onto one backbone (see ``visionlora/lora/frozen_a.py``).

@@ -54,7 +54,8 @@ class LoraConv2d(LoraLayer):
             return CONV_SUBCLASS_REASON.format(name=type(self.base_layer).__name__)
         return slot_blocker(slot)
 
-    def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, slot: nn.Module, split: bool = False) -> torch.Tensor:
+        # One fused layout for convs (supports_fused_split is False, so split is never asked for).
         return fused_conv2d(self.base_layer, x, slot.lora_A, slot.lora_B, slot.scale)
 
     def factors(self, adapter: str | nn.Module | None = None) -> list[Factors]:

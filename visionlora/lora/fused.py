@@ -16,6 +16,13 @@ Saved for backward: x (which the base layer saves as well), h (N×r) and Q (weig
 tensor over the GEMM's output storage (not a view, so downstream in-place ops are allowed); its rows are
 out + r apart.
 
+A second layout for Linears, ``fused-split`` (``split=True``), keeps y contiguous: GELU runs about 2x slower on a
+strided input, which on ConvNeXt's stage-0 fc1 (25,088 rows, 96 → 384) costs more than the layer's whole LoRA
+overhead. Its forward pass is one GEMM of x with W + ΔW plus h = A·xᵀ as a thin GEMM of its own (a second read of
+x, cheap where x is the narrow side); its backward pass gets the input gradient and g_h = s·g·B from one GEMM
+g·[W + ΔW | s·B], so the wide g is read once instead of twice (the input gradient comes back with rows in + r
+apart). ``form='auto'`` measures both layouts per layer.
+
 Not fused (the layer falls back to the weight or activation form, see ``fused_blocker`` of each layer): DoRA
 (m/||W + ΔW|| rescales rows, not linear in x·Aᵀ), LoRA dropout (it drops the LoRA branch's input only, while the
 fused GEMM feeds one x to W and A), a base weight that requires grad, and conv subclasses (timm's StdConv2d /
@@ -66,9 +73,24 @@ class _FusedLinear(Function):
     A's rows i·r:(i+1)·r (fused qkv slices); one dense pair is ``rows = [slice(0, out)]``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, scale, rows, *bs):
+    def forward(ctx, x, weight, bias, a, scale, rows, split, *bs):
         out, rank = weight.shape[0], bs[0].shape[1]
         dtype = x.dtype
+        ctx.scale, ctx.rows, ctx.rank, ctx.has_bias, ctx.factor_dtype = scale, rows, rank, bias is not None, a.dtype
+        if split:
+            # y contiguous from W + ΔW alone, h = x·Aᵀ from its own thin GEMM; P = [W + ΔW | s·B] lets the backward
+            # GEMM g·P give the input gradient and g_h = s·g·B at once (g read once, not twice).
+            in_features, total_rank = x.shape[1], a.shape[0]
+            p = x.new_zeros(out, in_features + total_rank)
+            _write_adapted_rows(p[:, :in_features], weight, a, bs, rows, scale)
+            for index, (r, b) in enumerate(zip(rows, bs, strict=True)):
+                p[r, in_features + index * rank:in_features + (index + 1) * rank] = b * scale
+            y = F.linear(x, p[:, :in_features], None if bias is None else bias.to(dtype))
+            h_t = a.to(dtype).mm(x.t())  # (r, N): r output rows, and the layout the dB GEMM reads fastest
+            ctx.save_for_backward(x, p, h_t, *bs)
+            ctx.split = True
+            return y
+        ctx.split = False
         q = x.new_empty(out + a.shape[0], x.shape[1])
         _write_adapted_rows(q[:out], weight, a, bs, rows, scale)
         q[out:].copy_(a)
@@ -77,24 +99,26 @@ class _FusedLinear(Function):
             bias_cat = torch.cat([bias.to(dtype), bias.new_zeros(a.shape[0], dtype=dtype)])
         z = F.linear(x, q, bias_cat)
         h_t = z[:, out:].t().contiguous()  # (r, N): the layout the dB GEMM reads fastest
-        ctx.save_for_backward(x, q, h_t, *bs)
-        ctx.scale, ctx.rows, ctx.rank, ctx.has_bias, ctx.factor_dtype = scale, rows, rank, bias is not None, a.dtype
+        ctx.save_for_backward(x, q[:out], h_t, *bs)
         return _alias(z, (x.shape[0], out), (z.stride(0), 1))
 
     @staticmethod
     def backward(ctx, g):
-        x, q, h_t, *bs = ctx.saved_tensors
+        x, adapted, h_t, *bs = ctx.saved_tensors
         scale, rows, rank = ctx.scale, ctx.rows, ctx.rank
         g = g.to(x.dtype)
-        out = q.shape[0] - h_t.shape[0]
-        grad_x = g.mm(q[:out]) if ctx.needs_input_grad[0] else None
-        # The thin GEMMs with r output rows (Bᵀ·gᵀ, hᵀ·g): on CPU BLAS several times faster than g·B and gᵀ·h.
-        g_h_t = torch.cat([b.to(g.dtype).t().mm(g[:, r].t()) for r, b in zip(rows, bs, strict=True)]).mul_(scale)
+        if ctx.split:
+            both = g.mm(adapted)  # adapted is P = [W + ΔW | s·B]: (N, in + r)
+            grad_x, g_h_t = both[:, :x.shape[1]], both[:, x.shape[1]:].t()
+        else:
+            grad_x = g.mm(adapted) if ctx.needs_input_grad[0] else None
+            # The thin GEMMs with r output rows (Bᵀ·gᵀ, hᵀ·g): on CPU BLAS several times faster than g·B and gᵀ·h.
+            g_h_t = torch.cat([b.to(g.dtype).t().mm(g[:, r].t()) for r, b in zip(rows, bs, strict=True)]).mul_(scale)
         grad_a = g_h_t.mm(x).to(ctx.factor_dtype)
         grad_bs = [h_t[i * rank:(i + 1) * rank].mm(g[:, r]).t().mul_(scale).to(ctx.factor_dtype)
                    for i, r in enumerate(rows)]
         grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (grad_x, None, grad_bias, grad_a, None, None, *grad_bs)
+        return (grad_x, None, grad_bias, grad_a, None, None, None, *grad_bs)
 
 
 def _write_adapted_rows(dest: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, bs: tuple, rows: list[slice],
@@ -121,8 +145,12 @@ def _write_adapted_rows(dest: torch.Tensor, weight: torch.Tensor, a: torch.Tenso
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                 bs: list[torch.Tensor], rows: list[slice], scale: float) -> torch.Tensor:
+                 bs: list[torch.Tensor], rows: list[slice], scale: float, split: bool = False) -> torch.Tensor:
     """x·(W + ΔW)ᵀ + b in the fused form for a Linear (``bs``/``rows``: one B per row block, see _FusedLinear).
+
+    ``split``: the ``fused-split`` layout, one GEMM of x with W + ΔW (a contiguous y) and h = x·Aᵀ as a thin GEMM
+    of its own, for layers where the r extra GEMM columns and a y strided by out + r cost more than reading x once
+    more (narrow layers over many rows: ConvNeXt's stage-0 MLP). The backward pass is the same.
 
     Under autocast the GEMMs run in autocast's dtype, as ``F.linear`` would; the factor gradients come back in the
     factors' own dtype.
@@ -130,7 +158,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         rows2d = x.reshape(-1, x.shape[-1]).to(dtype)
-        y = _FusedLinear.apply(rows2d, weight, bias, a, scale, rows, *bs)
+        y = _FusedLinear.apply(rows2d, weight, bias, a, scale, rows, split, *bs)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

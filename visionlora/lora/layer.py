@@ -22,9 +22,11 @@ from torch import nn
 
 DEFAULT_ADAPTER = "default"
 # The per-adapter settings of a slot (besides its tensors): the adapter named "default" keeps them on the layer.
-SLOT_SETTINGS = ("rank", "scale", "use_dora", "lora_dropout", "weight_form", "fused_form", "form_pending",
-                 "_merged_norm")
-FORM_NAMES = ("activation", "weight", "fused")
+SLOT_SETTINGS = ("rank", "scale", "use_dora", "lora_dropout", "weight_form", "fused_form", "fused_split",
+                 "form_pending", "_merged_norm")
+FORM_NAMES = ("activation", "weight", "fused", "fused-split")
+# The fused forms: A rides in the base GEMM ("fused"), or a contiguous base GEMM plus h = x·Aᵀ ("fused-split").
+FUSED_FORMS = ("fused", "fused-split")
 
 @dataclass
 class Factors:
@@ -65,12 +67,14 @@ class LoraLayer(nn.Module):
     ``fused_forward(x, slot)`` and ``fused_blocker(slot)``. Every per-adapter method takes ``adapter``: None for
     the active one, a name, or a slot (built by :meth:`new_slot`, possibly not yet added).
 
-    A slot runs in one of three forms, all equal to float rounding: ``weight`` op(x, W + ΔW), ``activation``
-    op(x) + s·x·Aᵀ·Bᵀ, ``fused`` (A rides in the base op, see :mod:`visionlora.lora.fused`). ``form='auto'``
-    times the forms the slot supports on its first training step (:func:`measure_faster_form`).
+    A slot runs in one of four forms, all equal to float rounding: ``weight`` op(x, W + ΔW), ``activation``
+    op(x) + s·x·Aᵀ·Bᵀ, ``fused`` (A rides in the base op, see :mod:`visionlora.lora.fused`) and, where
+    ``supports_fused_split``, ``fused-split`` (the fused backward pass with a contiguous base op plus h = x·Aᵀ).
+    ``form='auto'`` times the forms the slot supports on its first training step (:func:`measure_faster_form`).
     """
 
     supports_activation_form = True
+    supports_fused_split = False
 
     def __init__(self, base_layer: nn.Module, active_adapter: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
@@ -101,7 +105,7 @@ class LoraLayer(nn.Module):
         """Why ``slot`` has no fused form on this layer, or None when it has one."""
         return f"{type(self).__name__} has no fused form"
 
-    def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, slot: nn.Module, split: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
     def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor,
@@ -123,12 +127,15 @@ class LoraLayer(nn.Module):
         # No dropout module when p == 0: nn.Dropout(0) still copies its input in training mode.
         slot.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
         slot.use_dora = use_dora
-        slot.fused_form = form == "fused" and self.fused_blocker(slot) is None
+        slot.fused_form = form in FUSED_FORMS and self.fused_blocker(slot) is None
+        # form='fused-split' where the layer has one fused layout only (convs, Linears with out <= in): that one.
+        slot.fused_split = slot.fused_form and form == "fused-split" and self.supports_fused_split
         # form='fused' where the layer has none: what 'auto' would choose among the other forms.
-        slot.weight_form = self._resolve_form("auto" if form == "fused" else form, slot)
+        slot.weight_form = self._resolve_form("auto" if form in FUSED_FORMS else form, slot)
         slot.weight_form = slot.weight_form and not slot.fused_form
         # form='auto' (or 'fused' without one) where several forms exist: time them on the first training step.
-        slot.form_pending = form in ("auto", "fused") and not slot.fused_form and len(self.candidate_forms(slot)) > 1
+        slot.form_pending = (form in ("auto", *FUSED_FORMS) and not slot.fused_form
+                             and len(self.candidate_forms(slot)) > 1)
         slot._merged_norm = None
         if use_dora:
             weight = self.base_weight()
@@ -205,9 +212,10 @@ class LoraLayer(nn.Module):
         """The unmerged forward pass with one adapter, in its form."""
         if slot.form_pending and self.training and torch.is_grad_enabled():
             chosen = measure_faster_form(self, x, slot)
-            slot.weight_form, slot.fused_form, slot.form_pending = chosen == "weight", chosen == "fused", False
+            slot.weight_form, slot.fused_form = chosen == "weight", chosen in FUSED_FORMS
+            slot.fused_split, slot.form_pending = chosen == "fused-split", False
         if slot.fused_form and not self.base_weight().requires_grad:
-            return self.fused_forward(x, slot)
+            return self.fused_forward(x, slot, split=slot.fused_split)
         if slot.weight_form:
             return self.forward_with_weight(x, self.adapted_weight(slot))
         lora_input = slot.lora_dropout(x) if slot.lora_dropout is not None else x
@@ -255,8 +263,8 @@ class LoraLayer(nn.Module):
         form = {True: "weight", False: "activation"}.get(form, form)
         if form == "weight":
             return self.forward_with_weight(x, self.adapted_weight(slot))
-        if form == "fused":
-            return self.fused_forward(x, slot)
+        if form in FUSED_FORMS:
+            return self.fused_forward(x, slot, split=form == "fused-split")
         return self.activation_forward(x, x, slot)
 
     def candidate_forms(self, slot: nn.Module) -> list[str]:
@@ -265,13 +273,15 @@ class LoraLayer(nn.Module):
         if self.supports_activation_form and not slot.use_dora:
             forms.append("activation")
         if self.fused_blocker(slot) is None:
-            forms.append("fused")
+            forms += list(FUSED_FORMS) if self.supports_fused_split else ["fused"]
         return forms
 
     def form_name(self, adapter: str | nn.Module | None = None) -> str:
-        """The form ``adapter``'s slot runs in: ``fused``, ``weight`` or ``activation``."""
+        """The form ``adapter``'s slot runs in: ``fused``, ``fused-split``, ``weight`` or ``activation``."""
         slot = self.slot(adapter)
-        return "fused" if slot.fused_form else "weight" if slot.weight_form else "activation"
+        if slot.fused_form:
+            return "fused-split" if slot.fused_split else "fused"
+        return "weight" if slot.weight_form else "activation"
 
     def _resolve_form(self, form: str, slot: nn.Module) -> bool:
         """True for the weight-space form op(x, W + ΔW), False for the activation-space form op(x) + x·Aᵀ·Bᵀ."""
@@ -422,21 +432,24 @@ def _move_members(slot: nn.Module, layer: LoraLayer) -> None:
             layer.add_module(name, module)
 
 
-# A form must be this fraction faster than the fused form to be chosen over it: the fused form needs the fewest FLOPs
+# A form must be this fraction faster than the fused forms to be chosen over them: they need the fewest FLOPs
 # (no weight gradient, no thin k×k conv in forward, three thin GEMMs instead of six), so a smaller gap is taken
-# for noise: with 10%, single-layer timings on a loaded 2-core machine still flipped 10-20% of the layers.
+# for noise: with 10%, single-layer timings on a loaded 2-core machine still flipped 10-20% of the layers. Between
+# the two fused forms (the same backward pass; forward: r extra GEMM columns against a second read of x) the
+# faster one is taken as measured.
 FUSED_MARGIN = 0.25
 
 
 def measure_faster_form(layer: LoraLayer, x: torch.Tensor, adapter: str | nn.Module | None = None,
                         repeats: int = 3) -> str:
     """Time forward + backward of each of the slot's :meth:`~LoraLayer.candidate_forms` on ``x`` (best of
-    ``repeats``, the forms taken in turn so drift hits all alike); the name of the fastest, where the fused form
-    wins unless another is :data:`FUSED_MARGIN` (25%) faster.
+    ``repeats``, the forms taken in turn so drift hits all alike); the name of the fastest, where the faster fused
+    form wins unless another is :data:`FUSED_MARGIN` (25%) faster.
 
     Which form wins depends on the layer's shape, the batch and the device's kernels (a thin k×k conv with r output
     channels is cheap in FLOPs but often slow on CPUs; the fused form's extra r GEMM columns cost little where the
-    kernel is efficient), so it is measured, as cudnn.benchmark does for algorithms.
+    kernel is efficient, while ``fused-split`` pays a second read of x for a contiguous output), so it is measured,
+    as cudnn.benchmark does for algorithms.
     """
     slot = layer.slot(adapter)
     probe = x.detach().requires_grad_(x.requires_grad)
@@ -447,12 +460,16 @@ def measure_faster_form(layer: LoraLayer, x: torch.Tensor, adapter: str | nn.Mod
     for _ in range(repeats):
         for form in forms:
             start = time.perf_counter()
-            out = layer.forward_in_form(probe, form, slot)
+            # .contiguous(): the next layer reads the output, and a strided one (the fused form's y, rows out + r
+            # apart) costs there: GELU runs about 2x slower on it. One copy stands in for that read; a no-op for
+            # the other forms.
+            out = layer.forward_in_form(probe, form, slot).contiguous()
             if inputs:
                 torch.autograd.grad(out, inputs, grad_outputs=torch.ones_like(out), allow_unused=True)
             timings[form] = min(timings[form], time.perf_counter() - start)
-    if "fused" in timings:
-        timings["fused"] *= 1.0 - FUSED_MARGIN
+    for form in FUSED_FORMS:
+        if form in timings:
+            timings[form] *= 1.0 - FUSED_MARGIN
     return min(forms, key=timings.__getitem__)
 
 

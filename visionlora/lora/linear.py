@@ -21,6 +21,13 @@ class LinearKind(LoraLayer):
     """What the Linear kinds share: the base is an ``nn.Linear`` and each adapter is one low-rank pair on its
     weight (:meth:`low_rank_pair`), which the activation form and mixed-task batches apply."""
 
+    @property
+    def supports_fused_split(self) -> bool:
+        # Expanding layers only (an MLP's fc1, qkv): fused-split reads x a second time and returns the input gradient
+        # with rows in + r apart, both cheap only where x is the narrow side. Where it is the wide one (fc2),
+        # a strided input gradient slows the GELU backward pass it feeds.
+        return self.base_layer.out_features > self.base_layer.in_features
+
     def low_rank_pair(self, slot: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with ΔW = scale · B·A on the whole weight: A (r, in), B (out, r)."""
         raise NotImplementedError
@@ -67,10 +74,10 @@ class LoraLinear(LinearKind):
     def low_rank_pair(self, slot: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return slot.lora_A, slot.lora_B
 
-    def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, slot: nn.Module, split: bool = False) -> torch.Tensor:
         base = self.base_layer
         rows = [slice(0, base.out_features)]
-        return fused_linear(x, base.weight, base.bias, slot.lora_A, [slot.lora_B], rows, slot.scale)
+        return fused_linear(x, base.weight, base.bias, slot.lora_A, [slot.lora_B], rows, slot.scale, split)
 
     def activation_forward(self, x: torch.Tensor, lora_input: torch.Tensor,
                            adapter: str | nn.Module | None = None) -> torch.Tensor:
@@ -156,10 +163,11 @@ class LoraFusedQKV(LinearKind):
         # The slices as one rank-(r·slices) pair on the fused weight (block_B is exact, see QKVSlices).
         return slot.lora_slices.stacked_A(), slot.lora_slices.block_B()
 
-    def fused_forward(self, x: torch.Tensor, slot: nn.Module) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, slot: nn.Module, split: bool = False) -> torch.Tensor:
         # Every slice's A in one block: the base GEMM gains rank·n_slices columns; B stays per slice (block-sparse).
         slices = slot.lora_slices
         pairs = slices.factors()
         base = self.base_layer
         bs = [pair.B for pair in pairs]
-        return fused_linear(x, base.weight, base.bias, slices.stacked_A(), bs, [p.rows for p in pairs], slot.scale)
+        rows = [p.rows for p in pairs]
+        return fused_linear(x, base.weight, base.bias, slices.stacked_A(), bs, rows, slot.scale, split)
