@@ -118,3 +118,19 @@ def test_an_adapter_whose_A_differs_is_loaded_with_its_own_A(tmp_path):
 def test_pissa_with_frozen_A_is_refused():
     with pytest.raises(ValueError, match="LoraConfig.freeze_A: .*init='pissa'"):
         LoraConfig(freeze_A=True, init="pissa")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_form_leaves_A_without_a_gradient_and_gives_B_the_same_one(name):
+    grads = {}
+    for form in ("activation", "weight", "fused"):
+        config = LoraConfig(r=2, alpha=2, targets=FAMILIES[name], freeze_A=True, init="small-random", form=form)
+        torch.manual_seed(4)  # the same B for every form (A is seeded by its path)
+        model = inject_lora(base_model(name), config).train()
+        model(model_input(name)).square().mean().backward()
+        factors = {path: layer.factors("default") for path, layer in lora_layers(model).items()}
+        assert all(pair.A.grad is None for pairs in factors.values() for pair in pairs)
+        grads[form] = [pair.B.grad for pairs in factors.values() for pair in pairs]
+    for form in ("weight", "fused"):
+        for got, expected in zip(grads[form], grads["activation"], strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
