@@ -62,7 +62,7 @@ def test_a_lora_config_typo_names_the_field_and_the_valid_ones(tmp_path, capsys)
     assert SUMMARY.main(["test_resnet", "--config", config]) == 2
     line = _one_error_line(capsys)
     assert line.startswith(f"error: {config}: unknown LoraConfig field 'alpah'; valid fields: r, alpha, targets, ")
-    assert line.endswith(", form")
+    assert line.endswith(", form, freeze_A, A_seed")
 
 
 @pytest.mark.parametrize(("text", "says"), [
