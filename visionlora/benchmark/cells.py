@@ -88,12 +88,14 @@ def run_cell(spec: MethodSpec, backbone: Backbone, data: CellData, preprocessing
         accuracy = pixel_nearest_neighbour(train, test)
         return CellResult(accuracy, 0, 0, time.perf_counter() - started)
     module = build_module(spec, backbone, data.num_classes, budget)
-    module.imprint_head(_loader(data.train_images, data.train_labels, _eval(preprocessing), budget.eval_batch_size))
+    support = _loader(data.train_images, data.train_labels, _eval(preprocessing), budget.eval_batch_size)
+    # An ncc method never uses its head in training: it is imprinted once, from the adapted features, afterwards.
+    if spec.objective != "ncc":
+        module.imprint_head(support)
     if spec.trains:
         train_steps(module, spec, data, preprocessing, budget, seed)
     if spec.objective == "ncc":
-        # The head imprinted before training holds the frozen features' class means; classify by the adapted ones.
-        module.imprint_head(_loader(data.train_images, data.train_labels, _eval(preprocessing), budget.eval_batch_size))
+        module.imprint_head(support)
     accuracy = test_accuracy(module, test)
     changed = module.trainable_parameter_count() if spec.trains else _head_size(module)
     total = sum(p.numel() for p in module.parameters())
