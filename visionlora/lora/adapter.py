@@ -197,8 +197,9 @@ def _load_new_adapter(model: nn.Module, state: LoraState, name: str, specs: list
         for target, value in updates:
             target.copy_(value)
     if config.freeze_A:
+        frozen = frozen_A_adapters(state)
         for layer, slot in slots.values():
-            share_frozen_factors(layer, slot, frozen_A_adapters(state))
+            share_frozen_factors(layer, slot, frozen)
     labels = (own.get("head") or {}).get("label_names") if own else None
     record = AdapterRecord(config=config, specs=specs, trainable_paths=trainable, head=head,
                            label_names=checked_labels(labels, head, name))

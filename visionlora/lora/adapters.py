@@ -97,11 +97,12 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig, num_classes: in
     check_shareable(state, name, config, trainable)
     specs = specs_from_config(model, config)
     staged = stage_slots(model, specs, name)
+    frozen = frozen_A_adapters(state)
     for path, (layer, slot, _) in staged.items():
         layer.initialize(config.init, slot)
         if config.freeze_A:
             seed_frozen_factors(layer, slot, path, config.A_seed)
-            share_frozen_factors(layer, slot, frozen_A_adapters(state))
+            share_frozen_factors(layer, slot, frozen)
     head = new_head(model, state, num_classes)
     record = AdapterRecord(config=config, specs=specs, trainable_paths=trainable, head=head,
                            label_names=checked_labels(label_names, head, name))

@@ -215,11 +215,12 @@ def freeze_for_lora(model: nn.Module, state: LoraState) -> None:
         trained_fully = any(path == p or path.startswith(p + ".") for p in trained_paths)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and state.config.freeze_bn_stats and not trained_fully:
             state.bn_hooks.append(module.register_forward_pre_hook(_keep_bn_in_eval))
-    for name in frozen_A_adapters(state):
-        for layer in lora_layers(model).values():
-            slot = layer.slot_or_none(name)
-            for factor in frozen_factor_parameters(layer, slot) if slot is not None else []:
-                factor.requires_grad_(False)
+    frozen = frozen_A_adapters(state)
+    layers = lora_layers(model).values() if frozen else []
+    for layer, name in ((layer, name) for layer in layers for name in frozen):
+        slot = layer.slot_or_none(name)
+        for factor in frozen_factor_parameters(layer, slot) if slot is not None else []:
+            factor.requires_grad_(False)
 
 
 def frozen_A_adapters(state: LoraState) -> list[str]:
