@@ -369,38 +369,24 @@ OMNIGLOT = ClassificationSource(
     root_help=_ROOT_HELP,
     preprocessing={**digits.STROKE_PREPROCESSING, "affine": True},
 )
+
+
+def _distinct_source(name: str, exclude: tuple[str, ...] = (), render: str = "centred") -> ClassificationSource:
+    """The drawers of :data:`OMNIGLOT` with each distinct character once, without the alphabets ``exclude``."""
+    return ClassificationSource(
+        name=name,
+        list_classes=partial(_unique_classes, exclude=exclude),
+        read=partial(_unique_pools, exclude=exclude, render=render),
+        selection_column="omniglot_file",
+        root_help=_ROOT_HELP,
+        preprocessing=OMNIGLOT.preprocessing,
+    )
+
+
 # The same drawers with each of the 242 distinct characters once (Greek and Latin are in both splits).
-OMNIGLOT_UNIQUE = ClassificationSource(
-    name="omniglot-unique",
-    list_classes=_unique_classes,
-    read=_unique_pools,
-    selection_column="omniglot_file",
-    root_help=_ROOT_HELP,
-    preprocessing=OMNIGLOT.preprocessing,
-)
+OMNIGLOT_UNIQUE = _distinct_source("omniglot-unique")
 # Recipe search: the distinct characters without VALIDATION_ALPHABETS, whose episodes validate the backbone.
-OMNIGLOT_DEV = ClassificationSource(
-    name="omniglot-dev",
-    list_classes=partial(_unique_classes, exclude=VALIDATION_ALPHABETS),
-    read=partial(_unique_pools, exclude=VALIDATION_ALPHABETS),
-    selection_column="omniglot_file",
-    root_help=_ROOT_HELP,
-    preprocessing=OMNIGLOT.preprocessing,
-)
+OMNIGLOT_DEV = _distinct_source("omniglot-dev", exclude=VALIDATION_ALPHABETS)
 # The same two at the 56 px centred render ("centred56"): the runs must then be read with render="centred56".
-OMNIGLOT_UNIQUE_56 = ClassificationSource(
-    name="omniglot-unique56",
-    list_classes=_unique_classes,
-    read=partial(_unique_pools, render="centred56"),
-    selection_column="omniglot_file",
-    root_help=_ROOT_HELP,
-    preprocessing=OMNIGLOT.preprocessing,
-)
-OMNIGLOT_DEV_56 = ClassificationSource(
-    name="omniglot-dev56",
-    list_classes=partial(_unique_classes, exclude=VALIDATION_ALPHABETS),
-    read=partial(_unique_pools, exclude=VALIDATION_ALPHABETS, render="centred56"),
-    selection_column="omniglot_file",
-    root_help=_ROOT_HELP,
-    preprocessing=OMNIGLOT.preprocessing,
-)
+OMNIGLOT_UNIQUE_56 = _distinct_source("omniglot-unique56", render="centred56")
+OMNIGLOT_DEV_56 = _distinct_source("omniglot-dev56", exclude=VALIDATION_ALPHABETS, render="centred56")
