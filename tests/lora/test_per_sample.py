@@ -4,7 +4,9 @@ qkv, in values and gradients, and are what the layers really run (no per-task lo
 
 from __future__ import annotations
 
+import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 
 from visionlora import LoraConfig, adapter_batch, add_adapter, set_adapter
 from visionlora.lora import LoraConv2d, LoraFusedQKV, LoraLinear, lora_layers
+from visionlora.lora.per_sample import stacked_factors
 
 NAMES = ["b", "default", "c", "b", "c", "c", "default"]
 CONVS = {
@@ -141,3 +144,68 @@ def test_channels_last_and_reflect_padding_fall_back_to_the_per_task_loop():
         with torch.no_grad():
             for row, want in zip(mixed(model, x), alone(model, x), strict=True):
                 torch.testing.assert_close(row, want, rtol=0, atol=1e-5)
+
+
+STEM = dict(in_channels=3, out_channels=8, kernel_size=7, stride=2, padding=3)
+
+
+def down_projection_route(monkeypatch) -> list[str]:
+    """Record how each per-sample branch projects down: 'grouped' (a group per sample), 'dense' (one plain conv)."""
+    import visionlora.lora.per_sample as per_sample
+
+    routes, conv2d = [], per_sample.F.conv2d
+
+    def recording(x, weight, bias, stride, padding, dilation, groups=1):
+        routes.append("grouped" if groups > 1 else "dense")
+        return conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    # per_sample's own name F only: the base layer's conv (torch.nn.functional.conv2d) is not recorded.
+    monkeypatch.setattr(per_sample, "F", SimpleNamespace(conv2d=recording))
+    return routes
+
+
+@pytest.mark.parametrize("case, channels, samples, route", [
+    ("1x1 strided", 6, 7, []),  # a matmul on every second position: no conv at all
+    ("3x3", 6, 7, ["grouped"]),
+    ("stem", 3, 14, ["dense"]),  # 3 input channels, 3 distinct A's against 14 samples
+    ("stem", 3, 7, ["grouped"]),  # 3 distinct A's are too many for 7 samples
+])
+def test_each_conv_geometry_takes_its_down_projection_and_equals_each_adapter_alone(case, channels, samples, route,
+                                                                                     monkeypatch):
+    model = adapted(nn.Conv2d(**(STEM if case == "stem" else CONVS[case])), 8)
+    names = (NAMES * 2)[:samples]
+    monkeypatch.setattr(sys.modules[__name__], "NAMES", names)
+    x = torch.randn(samples, channels, 12, 11)
+    with torch.no_grad():
+        expected = alone(model, x)
+        no_per_task_loop(monkeypatch)
+        routes = down_projection_route(monkeypatch)
+        got = mixed(model, x)
+    assert routes == route
+    for row, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(row, want, rtol=0, atol=1e-5)
+
+
+# One shared A is few against 7 samples: the stem projects all of them with one plain conv.
+@pytest.mark.parametrize("conv, route", [(STEM, ["dense"]), (CONVS["3x3"], ["grouped"]), (CONVS["1x1 strided"], [])],
+                         ids=["stem", "3x3", "1x1 strided"])
+def test_lora_fa_tasks_stack_their_shared_A_once(conv, route, monkeypatch):
+    torch.manual_seed(0)
+    model = Stack(nn.Conv2d(**conv), 8)
+    for name, classes in (("default", None), ("b", 3), ("c", 5)):
+        add_adapter(model, name, LoraConfig(r=2, targets=["layer"], form="activation", freeze_A=True),
+                    num_classes=classes)
+    set_adapter(model, "default")
+    randomize(model)
+    layer = lora_layers(model)["layer"]
+    pairs = [(slot.lora_A, slot.lora_B, slot.scale) for slot in (layer.slot(name) for name in ("default", "b", "c"))]
+    stacked_a, stacked_b, a_row = stacked_factors(pairs)
+    assert stacked_a.shape[0] == 1 and a_row.tolist() == [0, 0, 0] and stacked_b.shape[0] == 3
+    x = torch.randn(len(NAMES), conv["in_channels"], 12, 11)
+    with torch.no_grad():
+        expected = alone(model, x)
+        routes = down_projection_route(monkeypatch)
+        got = mixed(model, x)
+    assert routes == route
+    for row, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(row, want, rtol=0, atol=1e-5)
