@@ -19,8 +19,10 @@ head each):
 
 Targets (ratios of medians of one run): memory of 16 tasks <= 1.25 x one model; mixed throughput at the batch size
 >= 0.8 x one merged model's (also given paired: per arrival, the reference's time over mixed's, side by side).
-Conv LoRA runs in the activation form (``--form``): in the weight form a mixed batch runs every adapted conv once
-per task group. Prints a table and writes ``benchmarks/results/serving.json``.
+LoRA layers run in the library's default form (``--form auto``: convs in the weight form, Linears in the activation
+form, at inference). A mixed batch of several tasks adds each sample's low-rank branch to one base op per layer in
+either form; a batch of one task runs a weight-form conv as that adapter alone, one conv with W + ΔW. Prints a
+table and writes ``benchmarks/results/serving.json``.
 
     python benchmarks/bench_serving.py
     python benchmarks/bench_serving.py --models resnet50 --tasks 1 16 --batches 3
@@ -53,14 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "resnet50"])
     parser.add_argument("--tasks", nargs="+", type=int, default=[1, 4, 16], help="numbers of tasks N")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=3, help="timed arrivals per variant (after one warm-up)")
+    parser.add_argument("--batches", type=int, default=8, help="timed arrivals per variant (after one warm-up)")
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 4], help="LoRA ranks (a set of rows each)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the latency part")
     parser.add_argument("--latency-requests", type=int, default=64, help="answers to time (after warm-up)")
     parser.add_argument("--latency-seconds", type=float, default=240, help="time limit of the latency part")
     parser.add_argument("--no-latency", action="store_true", help="skip part (c), the server's latency")
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--form", default="activation", choices=["auto", "activation", "weight"],
+    parser.add_argument("--form", default="auto", choices=["auto", "activation", "weight"],
                         help="how LoRA layers apply their update (LoraConfig.form)")
     parser.add_argument("--lora-fa", action="store_true",
                         help="LoRA-FA tasks (freeze_A: one seeded A shared by every task, only B per task)")

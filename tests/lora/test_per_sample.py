@@ -48,13 +48,13 @@ class Stack(nn.Module):
         return self.head
 
 
-def adapted(layer: nn.Module, features: int, target: str = "layer") -> nn.Module:
+def adapted(layer: nn.Module, features: int, target: str = "layer", form: str = "activation") -> nn.Module:
     """Three adapters of ranks 2, 3 and 1 (zero-padded to 3 in the batched branch), their own heads of 4, 3, 5."""
     torch.manual_seed(0)
     model = Stack(layer, features, target.partition("@")[0])
     warnings.simplefilter("ignore")  # ranks capped to small grouped blocks
     for name, rank, classes in (("default", 2, None), ("b", 3, 3), ("c", 1, 5)):
-        add_adapter(model, name, LoraConfig(r=rank, alpha=2 * rank, targets=[target], form="activation"),
+        add_adapter(model, name, LoraConfig(r=rank, alpha=2 * rank, targets=[target], form=form),
                     num_classes=classes)
     set_adapter(model, "default")
     return randomize(model)
@@ -80,13 +80,16 @@ def no_per_task_loop(monkeypatch) -> None:
         monkeypatch.setattr(kind, "activation_delta", lambda *a, **k: pytest.fail("per-task loop used"))
 
 
+# Weight-form slots take the batched branch too: the same ΔW applied to the activations, not one conv per task.
+@pytest.mark.parametrize("form", ["activation", "weight"])
 @pytest.mark.parametrize("case", list(CONVS))
-def test_conv_batched_branch_equals_each_adapter_alone(case, monkeypatch):
-    model = adapted(nn.Conv2d(**CONVS[case]), CONVS[case]["out_channels"])
+def test_conv_batched_branch_equals_each_adapter_alone(case, form, monkeypatch):
+    model = adapted(nn.Conv2d(**CONVS[case]), CONVS[case]["out_channels"], form=form)
     x = torch.randn(len(NAMES), 6, 11, 10)
     with torch.no_grad():
         expected = alone(model, x)
         no_per_task_loop(monkeypatch)
+        monkeypatch.setattr(LoraConv2d, "adapted_weight", lambda *a, **k: pytest.fail("a conv per task"))
         got = mixed(model, x)
     assert [row.shape[0] for row in got] == [3, 4, 5, 3, 5, 5, 4]
     for row, want in zip(got, expected, strict=True):
@@ -209,3 +212,20 @@ def test_lora_fa_tasks_stack_their_shared_A_once(conv, route, monkeypatch):
     assert routes == route
     for row, want in zip(got, expected, strict=True):
         torch.testing.assert_close(row, want, rtol=0, atol=1e-5)
+
+
+def test_a_batch_of_one_weight_form_adapter_runs_one_conv_with_its_weight(monkeypatch):
+    model = adapted(nn.Conv2d(**CONVS["3x3"]), 8, form="weight")
+    x = torch.randn(3, 6, 11, 10)
+    with torch.no_grad():
+        set_adapter(model, "b")
+        expected = model(x)
+        set_adapter(model, "default")
+        monkeypatch.setattr(LoraConv2d, "add_per_sample_deltas_", lambda *a, **k: pytest.fail("gathered factors"))
+        batches, original = [], LoraConv2d.forward_with_weight
+        monkeypatch.setattr(LoraConv2d, "forward_with_weight",
+                            lambda self, rows, weight: batches.append(rows.data_ptr()) or original(self, rows, weight))
+        with adapter_batch(model, ["b"] * 3):
+            got = model(x)
+    assert batches == [x.data_ptr()]  # the whole batch itself, not a copy of each group's rows
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

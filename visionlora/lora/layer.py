@@ -222,14 +222,19 @@ class LoraLayer(nn.Module):
         return self.activation_forward(x, lora_input, slot)
 
     def mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Each sample (dim 0) with its own adapter (``batch_plan``): one base op for the whole batch plus each
-        group's low-rank branch when every group runs in the activation form, else one op per group."""
+        """Each sample (dim 0) with its own adapter (``batch_plan``). A batch of one weight-form adapter runs one op
+        with its W + ΔW, as that adapter alone. Otherwise one base op for the whole batch plus each group's low-rank
+        branch where every group can run the activation form (exact for weight-form slots too: the same ΔW, applied
+        to the activations, and one op instead of one per group), else (DoRA, MultiheadAttention) one op per group
+        with its own W + ΔW."""
         plan = self.batch_plan
         plan.check_batch(x.shape[0])
         slots = [self.slot_or_none(name) for name in plan.names]
         if all(slot is None for slot in slots):  # no adapter of this batch adapts this layer
             return self.base_layer(x)
-        if all(slot is None or not slot.weight_form for slot in slots):
+        if len(slots) == 1 and slots[0].weight_form:
+            return self.slot_forward(x, slots[0])
+        if all(slot is None or self._branch_applies(slot) for slot in slots):
             out = self.base_layer(x)
             if self._per_sample_branches_apply(slots) and self.add_per_sample_deltas_(out, x, slots, plan.sample_group):
                 return out
@@ -243,6 +248,10 @@ class LoraLayer(nn.Module):
         pieces = [self.base_layer(rows) if slot is None else self.slot_forward(rows, slot)
                   for rows, slot in zip(plan.split(x), slots, strict=True)]
         return plan.join(pieces)
+
+    def _branch_applies(self, slot: nn.Module) -> bool:
+        """Whether the slot's update can be applied as an activation-space branch op(x) + x·Aᵀ·Bᵀ."""
+        return self.supports_activation_form and not slot.use_dora
 
     def add_per_sample_deltas_(self, out: torch.Tensor, x: torch.Tensor, slots: list[nn.Module | None],
                                sample_group: torch.Tensor) -> bool:
