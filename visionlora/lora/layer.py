@@ -279,7 +279,7 @@ class LoraLayer(nn.Module):
     def candidate_forms(self, slot: nn.Module) -> list[str]:
         """The forms ``form='auto'`` chooses among for ``slot`` (the weight form always exists)."""
         forms = ["weight"] if slot.lora_dropout is None else []
-        if self.supports_activation_form and not slot.use_dora:
+        if self._branch_applies(slot):
             forms.append("activation")
         if self.fused_blocker(slot) is None:
             forms += list(FUSED_FORMS) if self.supports_fused_split else ["fused"]
@@ -294,7 +294,7 @@ class LoraLayer(nn.Module):
 
     def _resolve_form(self, form: str, slot: nn.Module) -> bool:
         """True for the weight-space form op(x, W + ΔW), False for the activation-space form op(x) + x·Aᵀ·Bᵀ."""
-        needs_weight_form = slot.use_dora or not self.supports_activation_form
+        needs_weight_form = not self._branch_applies(slot)
         if needs_weight_form and slot.lora_dropout is not None:
             kind = "DoRA" if slot.use_dora else type(self.base_layer).__name__
             raise ValueError(f"LoRA dropout needs the activation-space form, which {kind} layers lack; set dropout=0")
