@@ -13,7 +13,8 @@ head each):
   task and runs each group after ``set_adapter``; ``merged/task`` runs each group on that task's own model (N copies
   of the plain model, which cost what merged models cost); ``merged x1`` is the reference: one merged model on
   full batches of one task. The median over ``--batches`` timed arrivals (after one warm-up; the variants take
-  turns on each arrival) gives images/s.
+  turns on each arrival) gives images/s. Each (model, rank, N) cell runs in a fresh process (``--in-process``:
+  all in this one).
 * latency (``serving_latency.py``): p50 / p99 of ``tools/serve.py`` under ``--clients`` concurrent clients, for the
   largest N at the first rank.
 
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-fa", action="store_true",
                         help="LoRA-FA tasks (freeze_A: one seeded A shared by every task, only B per task)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure every cell in this process (default: each (model, rank, N) in a fresh one)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
     return parser.parse_args(argv)
 
@@ -214,6 +217,27 @@ def measure(name: str, count: int, rank: int, args) -> tuple[dict, dict | None]:
     return row, latency
 
 
+def measure_cell(name: str, count: int, rank: int, args) -> tuple[dict, dict | None]:
+    """:func:`measure` in a fresh process (unless ``--in-process``): each cell starts from the same allocator and
+    thread-pool state, so one cell's leftovers (freed models, cached kernels) do not tilt the next one's timing."""
+    if args.in_process:
+        return measure(name, count, rank, args)
+    command = [sys.executable, __file__, "--cell-worker", json.dumps(vars(args)), name, str(count), str(rank)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return found["row"], found["latency"]
+
+
+def cell_worker(settings: str, name: str, count: str, rank: str) -> None:
+    import torch
+
+    args = argparse.Namespace(**json.loads(settings))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    row, latency = measure(name, int(count), int(rank), args)
+    print(json.dumps({"row": row, "latency": latency}), flush=True)
+
+
 def table(rows: list[dict]) -> str:
     header = ("model", "adapter", "r", "N", "1 model MB", "N adapters MB", "N merged MB", "mem ratio", "RSS ratio",
               "merged x1 img/s", "mixed img/s", "switch img/s", "merged/task img/s", "mixed/merged", "paired")
@@ -262,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--rss-worker"]:
         rss_worker(*argv[1:])
         return 0
+    if argv[:1] == ["--cell-worker"]:
+        cell_worker(*argv[1:])
+        return 0
     args = parse_args(argv)
     import torch
 
@@ -271,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         for rank in args.ranks:
             for count in args.tasks:
-                row, latency = measure(name, count, rank, args)
+                row, latency = measure_cell(name, count, rank, args)
                 rows.append(row)
                 latencies += [latency] if latency else []
                 print(f"{name} r={rank} N={count}: done", flush=True)
