@@ -130,9 +130,12 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, shuffle: bool = False, generator=None, sampler=None,
-                collate_fn=None) -> DataLoader:
+                collate_fn=None, batch_sampler=None) -> DataLoader:
     """The DataLoader of both data modules: seeded worker augmentation (:func:`seed_worker`), workers kept
-    between epochs when there are any, pinned memory when CUDA is there; the last batch may be smaller."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
-                      collate_fn=collate_fn, drop_last=False, num_workers=num_workers, worker_init_fn=seed_worker,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+    between epochs when there are any, pinned memory when CUDA is there; the last batch may be smaller.
+    A ``batch_sampler`` replaces ``batch_size``, ``shuffle`` and ``sampler``: it forms the batches itself."""
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
+        "batch_size": batch_size, "shuffle": shuffle, "sampler": sampler, "drop_last": False}
+    return DataLoader(dataset, **batching, generator=generator, collate_fn=collate_fn, num_workers=num_workers,
+                      worker_init_fn=seed_worker, persistent_workers=num_workers > 0,
+                      pin_memory=torch.cuda.is_available())

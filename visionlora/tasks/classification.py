@@ -20,7 +20,7 @@ from visionlora.lora import LoraConfig, inject_lora, lora_state
 from visionlora.lora.targets import find_head_path
 from visionlora.models import create_backbone
 from visionlora.models.families import default_lora_targets
-from visionlora.tasks.prototypes import add_class_sums, pooled_features
+from visionlora.tasks.prototypes import add_class_sums, leave_one_out_prototype_loss, pooled_features
 
 from .checkpoints import record_working_directory
 from .optim import adamw_groups, lightning_optimizers, lora_factor_group
@@ -71,6 +71,10 @@ class LoraClassifier(L.LightningModule):
             training loss (CosFace's additive margin, Wang et al. 2018, arXiv:1801.09414): features of a class pull
             tighter than the softmax needs, which is what recognising unseen classes from one image asks of them.
             Evaluation and prediction logits have no margin.
+        prototype_loss: Weight of the prototypical loss added to the cross-entropy in training
+            (:func:`~visionlora.tasks.prototypes.leave_one_out_prototype_loss` on the batch's pooled features: each
+            image against the class means of the rest of the batch, Snell et al. 2017). It needs batches with
+            several images per class: ``FewShotDataModule(per_class_in_batch=K)``. 0: cross-entropy alone.
     """
 
     def __init__(self, backbone: str = "vit_tiny_patch16_224", num_classes: int = 10, pretrained: bool = False,
@@ -80,8 +84,10 @@ class LoraClassifier(L.LightningModule):
                  backbone_weight_decay: float = 0.05, loraplus_lr_ratio: float | None = None,
                  warmup_fraction: float = 0.1, label_smoothing: float = 0.0, head_init: str = "prototypes",
                  grad_checkpointing: bool = False, prototype_margin: float | None = 4.0,
-                 cosine_scale: float | None = None, cosine_margin: float = 0.0) -> None:
+                 cosine_scale: float | None = None, cosine_margin: float = 0.0, prototype_loss: float = 0.0) -> None:
         super().__init__()
+        if prototype_loss < 0:
+            raise ValueError(f"prototype_loss must be >= 0 (the weight of the prototypical loss), got {prototype_loss}")
         if cosine_margin and cosine_scale is None:
             raise ValueError("cosine_margin needs a cosine head: set cosine_scale too")
         if cosine_scale is not None and cosine_scale <= 0:
@@ -121,7 +127,12 @@ class LoraClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.cosine_scale is None:
             return self.model(images)
-        features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+        return self._logits(self.model.forward_head(self.model.forward_features(images), pre_logits=True))
+
+    def _logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The head on pre-logits features: timm's linear head, or the cosine head with ``cosine_scale``."""
+        if self.hparams.cosine_scale is None:
+            return self.model.get_classifier()(features)
         weight = self.model.get_classifier().weight
         return self.hparams.cosine_scale * F.normalize(features, dim=1) @ F.normalize(weight, dim=1).T
 
@@ -141,10 +152,18 @@ class LoraClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
+        if self.hparams.prototype_loss:
+            features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+            logits = self._logits(features)
+        else:  # timm's own forward, as without the option (models whose head is more than one Linear included)
+            logits = self(images)
         margin = self.hparams.cosine_margin * (self.hparams.cosine_scale or 0.0)
         margined = logits - margin * F.one_hot(labels, logits.shape[1]) if margin else logits
         loss = F.cross_entropy(margined, labels, label_smoothing=self.hparams.label_smoothing)
+        if self.hparams.prototype_loss:
+            prototypical = leave_one_out_prototype_loss(features, labels)
+            self.log("train/prototype_loss", prototypical, batch_size=len(labels))
+            loss = loss + self.hparams.prototype_loss * prototypical
         self.train_accuracy(logits, labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(labels))

@@ -112,3 +112,38 @@ def nearest_class_mean(support_feats: torch.Tensor, support_labels: torch.Tensor
     classes, means = class_means(support_feats, support_labels)
     similarity = F.normalize(query_feats.float(), dim=1) @ F.normalize(means, dim=1).T
     return classes[similarity.argmax(dim=1)].long()
+
+
+def leave_one_out_prototype_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The prototypical loss of one batch: each image is classified by its squared Euclidean distance to the class
+    means of the batch, its own class's mean taken without it (Snell, Swersky & Zemel 2017, arXiv:1703.05175).
+
+    Every image is a query once, against prototypes from the rest of the batch, so a batch of P classes with K
+    images each is P-way (K-1)-shot episodes for all its images at once; with K = 2 it is the one-shot task the
+    Omniglot runs pose. Images alone in their class in the batch are not queries (their class has no other image
+    to make a prototype from) but still serve as a prototype for the others.
+
+    Args:
+        features: ``[N, D]`` pooled features, with gradients.
+        labels: ``[N]`` integer labels, any values.
+
+    Returns:
+        The mean cross-entropy over the queries, a scalar; 0 (with a gradient of zeros) when no class has two images.
+    """
+    if features.ndim != 2 or labels.shape != features.shape[:1]:
+        raise ValueError(f"leave_one_out_prototype_loss: features must be [N, D] with [N] labels, got "
+                         f"{tuple(features.shape)} and {tuple(labels.shape)}")
+    features = features.float()
+    _, index = torch.unique(labels, return_inverse=True)
+    sums = features.new_zeros(int(index.max()) + 1, features.shape[1]).index_add(0, index, features)
+    counts = torch.bincount(index).to(features.dtype)
+    distances = torch.cdist(features, sums / counts[:, None]).square()
+    own_count = counts[index]
+    queries = own_count > 1
+    if not queries.any():
+        return features.sum() * 0.0
+    # The own class's mean without the query: (sum - f) / (n - 1).
+    own_mean = (sums[index] - features) / (own_count - 1).clamp(min=1)[:, None]
+    own_distance = (features - own_mean).square().sum(dim=1)
+    distances = distances.scatter(1, index[:, None], own_distance[:, None])
+    return F.cross_entropy(-distances[queries], index[queries])

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..common import make_loader, seed_transform
 from ..sources import ClassificationPools, ClassificationSource, LabelledImages, SourceOptions, classification_source
+from .balanced import ClassBalancedBatchSampler
 from .dataset import FewShotDataset
 from .imagefolder import BAD_IMAGE_POLICIES
 from .presets import (
@@ -116,6 +117,9 @@ class FewShotDataModule(L.LightningDataModule):
             their count and first paths) or ``"error"`` raises a ValueError listing them. Checked in ``setup``.
         test_fraction: ImageFolder only: share of each class held out for testing when the folder has no
             ``train/`` + ``test/`` split; the split uses a fixed seed, not ``seed``.
+        per_class_in_batch: When set (>= 2), every training batch is ``batch_size // per_class_in_batch`` classes
+            with this many images each (:class:`~visionlora.data.classification.balanced.ClassBalancedBatchSampler`),
+            as a prototypical loss needs (``LoraClassifier(prototype_loss=...)``); ``None``: plain shuffled batches.
         run_dir: When set, ``setup`` writes the training selection to ``<run_dir>/fewshot_selection.csv``
             (digits: row of ``sklearn.datasets.load_digits``; ImageFolder and torchvision: path relative to
             ``root``; Omniglot: path inside the archives, ``split/alphabet/character/file.png``).
@@ -143,11 +147,15 @@ class FewShotDataModule(L.LightningDataModule):
         max_val_per_class: int = 20,
         on_bad_image: str = "skip",
         test_fraction: float = 0.3,
+        per_class_in_batch: int | None = None,
         run_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         _check_arguments(dataset, root, shots, seed, val_fraction, max_val_per_class, on_bad_image, test_fraction)
+        if per_class_in_batch is not None and (per_class_in_batch < 2 or batch_size % per_class_in_batch):
+            raise ValueError(f"FewShotDataModule: per_class_in_batch must be >= 2 and divide batch_size "
+                             f"{batch_size}, got {per_class_in_batch}")
         if crop_mode is not None and crop_mode not in CROP_MODES:
             raise ValueError(f"FewShotDataModule: crop_mode must be one of {CROP_MODES} or None, got {crop_mode!r}")
         self.dataset, self.root, self.classes = dataset, root, classes
@@ -155,6 +163,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.val_fraction, self.max_val_per_class = val_fraction, max_val_per_class
         self.on_bad_image, self.test_fraction = on_bad_image, test_fraction
+        self.per_class_in_batch = per_class_in_batch
         # Kept apart from the backbone's settings so that explicit arguments keep winning over set_data_config.
         self._explicit = {"image_size": image_size, "mean": mean, "std": std, "crop_pct": crop_pct}
         self._explicit |= {"crop_mode": crop_mode, "hflip": hflip, "crop_scale": crop_scale, "affine": affine}
@@ -233,7 +242,11 @@ class FewShotDataModule(L.LightningDataModule):
         if self._restored_streams is not None:
             set_stream_state(generator, transform, self._restored_streams)
             self._restored_streams = None
-        return self._loader("train", transform, self.batch_size, shuffle=True, generator=generator)
+        if self.per_class_in_batch is None:
+            return self._loader("train", transform, self.batch_size, shuffle=True, generator=generator)
+        labels = self._require_setup()["train"].labels
+        batches = ClassBalancedBatchSampler(labels, self.batch_size, self.per_class_in_batch, generator)
+        return self._loader("train", transform, self.batch_size, generator=generator, batch_sampler=batches)
 
     def state_dict(self) -> dict:
         """Where the training loader's shuffle and augmentation streams stand, saved in each Lightning checkpoint.
@@ -339,7 +352,7 @@ class FewShotDataModule(L.LightningDataModule):
         return self._parts
 
     def _loader(self, part: str, transform, batch_size: int, shuffle: bool = False, generator=None,
-                unpadded: bool = False) -> DataLoader:
+                unpadded: bool = False, batch_sampler=None) -> DataLoader:
         items = self._require_setup()[part]
         dataset = FewShotDataset(items.images, items.labels, transform)
         trainer = self.trainer
@@ -348,7 +361,8 @@ class FewShotDataModule(L.LightningDataModule):
             # A DistributedSampler of its own, so Lightning keeps it instead of putting its padding one in.
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
                                                    shuffle=False)
-        return make_loader(dataset, batch_size, self.num_workers, shuffle=shuffle, generator=generator, sampler=sampler)
+        return make_loader(dataset, batch_size, self.num_workers, shuffle=shuffle, generator=generator, sampler=sampler,
+                           batch_sampler=batch_sampler)
 
 
 def resolve_preprocessing(given: dict, source: Mapping, backbone: dict) -> dict:
