@@ -14,7 +14,8 @@ from visionlora.lora.inject import lora_layers
 from visionlora.lora.linear import LoraFusedQKV, LoraLinear
 
 FORMS = ("activation", "weight", "fused")
-LINEAR_CASES = ["linear-expanding", "qkv@qv", "qkv@qkv"]  # fused-split: Linears with out > in
+# fused-split: Linears with out > in, and 1x1 stride-1 ungrouped convs whichever way they go.
+SPLIT_CASES = ["linear-expanding", "qkv@qv", "qkv@qkv", "conv1x1", "conv1x1-contracting"]
 
 
 def _seeded(*shape: int, seed: int = 7) -> torch.Tensor:
@@ -37,6 +38,7 @@ CASES = {
     "conv-grouped": (_conv(in_channels=6, out_channels=9, kernel_size=3, padding=1, groups=3), (2, 6, 8, 8)),
     "conv-depthwise": (_conv(in_channels=6, out_channels=6, kernel_size=5, padding=2, groups=6), (2, 6, 8, 8)),
     "conv1x1": (_conv(in_channels=6, out_channels=10, kernel_size=1), (2, 6, 7, 7)),
+    "conv1x1-contracting": (_conv(in_channels=10, out_channels=6, kernel_size=1, bias=False), (3, 10, 5, 4)),
     "conv-same-reflect": (_conv(in_channels=4, out_channels=5, kernel_size=4, padding="same", padding_mode="reflect"),
                           (2, 4, 7, 7)),
 }
@@ -75,7 +77,7 @@ def test_fused_form_equals_activation_and_weight_forms(case):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", LINEAR_CASES)
+@pytest.mark.parametrize("case", SPLIT_CASES)
 def test_fused_split_equals_activation_and_weight_forms(case):
     build, shape = CASES[case]
     layer, y, gx, grads = _run(build, shape, "fused-split")
@@ -101,7 +103,17 @@ def test_fused_split_output_is_contiguous_and_the_fused_one_strided():
     torch.relu_(y_split)  # in place on the output: allowed
 
 
-@pytest.mark.parametrize("case", ["conv3x3-strided", "linear"])  # a conv; a Linear with out <= in (12 -> 9)
+def test_a_pointwise_conv_in_fused_split_returns_a_contiguous_output():
+    build, shape = CASES["conv1x1"]  # 6 -> 10 channels, rank 3, 7x7
+    (split, y_split, _, _), (fused, y_fused, _, _) = (_run(build, shape, form) for form in ("fused-split", "fused"))
+    assert split(_seeded(*shape)).is_contiguous() and y_split.shape == (2, 10, 7, 7)
+    assert fused(_seeded(*shape)).stride()[0] == 13 * 49  # out + r channels per image
+    assert split.candidate_forms(split) == ["weight", "activation", "fused", "fused-split"]
+    torch.testing.assert_close(y_split, y_fused, rtol=1e-5, atol=1e-5)
+
+
+# A conv that is not 1x1 stride 1; a Linear with out <= in (12 -> 9).
+@pytest.mark.parametrize("case", ["conv3x3-strided", "conv-dilated", "linear"])
 def test_fused_split_without_that_layout_runs_the_fused_form(case):
     build, shape = CASES[case]
     layer, y, gx, _ = _run(build, shape, "fused-split")
@@ -114,7 +126,7 @@ def test_fused_split_without_that_layout_runs_the_fused_form(case):
 
 @pytest.mark.parametrize("case, form", [("linear", "fused"), ("qkv@qv", "fused"), ("conv3x3-strided", "fused"),
                                         ("conv-grouped", "fused"), ("linear-expanding", "fused-split"),
-                                        ("qkv@qv", "fused-split")])
+                                        ("qkv@qv", "fused-split"), ("conv1x1", "fused-split")])
 def test_fused_form_under_bf16_autocast(case, form):
     build, shape = CASES[case]
     layer, y, gx, grads = _run(build, shape, form, autocast=True)
@@ -209,8 +221,9 @@ TIMM_CASES = [
 def test_timm_model_step_fused_equals_activation(name, targets, form):
     loss_f, gx_f, grads_f, forms_f = _timm_step(name, form, targets)
     loss_a, gx_a, grads_a, forms_a = _timm_step(name, "activation", targets)
-    # fused-split: the expanding Linears (qkv, fc1) in that layout; convs, proj and fc2 in the fused one.
-    expected = {"fused"} if form == "fused" or name == "test_resnet" else {"fused-split", "fused"}
+    # fused-split: the expanding Linears (qkv, fc1) and 1x1 stride-1 convs in that layout; the other convs, proj and
+    # fc2 in the fused one.
+    expected = {"fused"} if form == "fused" else {"fused-split", "fused"}
     assert forms_f == expected and forms_a == {"activation"}
     assert len(grads_f) == len(grads_a) > 4 and sum(g.abs().sum() > 0 for g in grads_f.values()) > 4
     torch.testing.assert_close(loss_f, loss_a, rtol=1e-5, atol=1e-6)

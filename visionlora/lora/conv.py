@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .fused import CONV_SUBCLASS_REASON, fused_conv2d, slot_blocker
+from .fused import CONV_SUBCLASS_REASON, fused_conv2d, is_pointwise, slot_blocker
 from .layer import DEFAULT_ADAPTER, Factors, LoraLayer, new_factor
 from .per_sample import add_conv_deltas_, conv_supports_per_sample
 
@@ -54,9 +54,13 @@ class LoraConv2d(LoraLayer):
             return CONV_SUBCLASS_REASON.format(name=type(self.base_layer).__name__)
         return slot_blocker(slot)
 
+    @property
+    def supports_fused_split(self) -> bool:
+        # A 1x1 stride-1 conv is a Linear over pixels: its input gradient and g_h can come from one GEMM.
+        return is_pointwise(self.base_layer)
+
     def fused_forward(self, x: torch.Tensor, slot: nn.Module, split: bool = False) -> torch.Tensor:
-        # One fused layout for convs (supports_fused_split is False, so split is never asked for).
-        return fused_conv2d(self.base_layer, x, slot.lora_A, slot.lora_B, slot.scale)
+        return fused_conv2d(self.base_layer, x, slot.lora_A, slot.lora_B, slot.scale, split=split)
 
     def factors(self, adapter: str | nn.Module | None = None) -> list[Factors]:
         slot = self.slot(adapter)

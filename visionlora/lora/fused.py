@@ -21,7 +21,8 @@ strided input, which on ConvNeXt's stage-0 fc1 (25,088 rows, 96 → 384) costs m
 overhead. Its forward pass is one GEMM of x with W + ΔW plus h = A·xᵀ as a thin GEMM of its own (a second read of
 x, cheap where x is the narrow side); its backward pass gets the input gradient and g_h = s·g·B from one GEMM
 g·[W + ΔW | s·B], so the wide g is read once instead of twice (the input gradient comes back with rows in + r
-apart). ``form='auto'`` measures both layouts per layer.
+apart). A 1x1, stride-1, ungrouped conv is a Linear over each image's pixels and has the same layout
+(:class:`_FusedPointwiseSplit`; ResNet bottlenecks' 1x1 convs). ``form='auto'`` measures both layouts per layer.
 
 Not fused (the layer falls back to the weight or activation form, see ``fused_blocker`` of each layer): DoRA
 (m/||W + ΔW|| rescales rows, not linear in x·Aᵀ), LoRA dropout (it drops the LoRA branch's input only, while the
@@ -246,14 +247,67 @@ def _conv_b_grad(g: torch.Tensor, h: torch.Tensor, b: torch.Tensor, groups: int)
                                                [False, True, False])[1]
 
 
+class _FusedPointwiseSplit(Function):
+    """The ``fused-split`` layout of a 1x1, stride-1, ungrouped conv: a Linear over each image's pixels.
+
+    Per image (channels x pixels): y = (W + ΔW)·x + b, contiguous, and h = A·x as a thin GEMM of its own; backward
+    gets the input gradient and g_h = s·Bᵀ·g from one GEMM [W + ΔW | s·B]ᵀ·g, so the output gradient is read once
+    for both instead of twice (ResNet bottlenecks' 1x1 convs at 56x56: the thin g_h GEMM reads 256 channels).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale):
+        n, channels, height, width = x.shape
+        out, rank = weight.shape[0], a.shape[0]
+        w2, a2, b2 = weight.reshape(out, channels), a.reshape(rank, channels), b.reshape(out, rank)
+        p_t = x.new_empty(channels + rank, out)  # [W + ΔW | s·B]ᵀ: the backward GEMM's left operand
+        p_t[:channels].copy_(torch.addmm(w2, b2, a2, alpha=scale).t())
+        p_t[channels:].copy_(b2.t() * scale)
+        pixels = x.reshape(n, channels, height * width)
+        y = torch.matmul(p_t[:channels].t(), pixels)
+        if bias is not None:
+            y += bias.to(x.dtype)[:, None]
+        h = torch.matmul(a2.to(x.dtype), pixels)
+        ctx.save_for_backward(x, p_t, h)
+        ctx.scale, ctx.a_shape, ctx.b_shape, ctx.factor_dtype = scale, a.shape, b.shape, a.dtype
+        ctx.has_bias = bias is not None
+        return y.view(n, out, height, width)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, p_t, h = ctx.saved_tensors
+        n, channels, height, width = x.shape
+        g3 = g.to(x.dtype).reshape(n, g.shape[1], height * width)
+        both = torch.matmul(p_t, g3)  # (N, in + r, H·W): the input gradient, then g_h
+        grad_x = both[:, :channels].view(n, channels, height, width)
+        g_h = both[:, channels:]
+        grad_a = torch.matmul(g_h, x.reshape(n, channels, -1).transpose(1, 2)).sum(0)
+        grad_b = torch.matmul(h, g3.transpose(1, 2)).sum(0).t().mul_(ctx.scale)
+        grad_bias = g3.sum((0, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (grad_x, None, grad_bias, grad_a.reshape(ctx.a_shape).to(ctx.factor_dtype),
+                grad_b.reshape(ctx.b_shape).to(ctx.factor_dtype), None)
+
+
+def is_pointwise(conv: torch.nn.Conv2d) -> bool:
+    """A plain 1x1, stride-1, unpadded, ungrouped conv: a Linear over pixels, which has the ``fused-split`` layout."""
+    return (type(conv) is torch.nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.groups == 1 and conv.padding in ((0, 0), "valid") and conv.padding_mode == "zeros")
+
+
 def fused_conv2d(conv: torch.nn.Conv2d, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 scale: float) -> torch.Tensor:
+                 scale: float, split: bool = False) -> torch.Tensor:
     """``conv`` (a plain ``nn.Conv2d``) with weight W + s·blockdiag(B·A), in the fused form.
 
     Padding modes other than zeros and string paddings ('same', 'valid') are applied to x first, as
     ``nn.Conv2d._conv_forward`` does, so the fused conv itself always pads with zeros by numbers.
     """
     dtype = compute_dtype(x)
+    if split:
+        if not is_pointwise(conv):
+            raise ValueError(f"fused_conv2d: the split layout needs a 1x1, stride-1, unpadded, ungrouped Conv2d, got "
+                             f"{conv}")
+        with torch.autocast(x.device.type, enabled=False):
+            return _FusedPointwiseSplit.apply(x.to(dtype), conv.weight, conv.bias, a, b, scale)
     x, padding = _pre_pad(conv, x)
     with torch.autocast(x.device.type, enabled=False):
         return _FusedConv2d.apply(x.to(dtype), conv.weight, conv.bias, a, b, scale,

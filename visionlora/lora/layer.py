@@ -128,7 +128,8 @@ class LoraLayer(nn.Module):
         slot.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
         slot.use_dora = use_dora
         slot.fused_form = form in FUSED_FORMS and self.fused_blocker(slot) is None
-        # form='fused-split' where the layer has one fused layout only (convs, Linears with out <= in): that one.
+        # form='fused-split' where the layer has one fused layout only (convs other than 1x1 stride 1, Linears with
+        # out <= in): that one.
         slot.fused_split = slot.fused_form and form == "fused-split" and self.supports_fused_split
         # form='fused' where the layer has none: what 'auto' would choose among the other forms.
         slot.weight_form = self._resolve_form("auto" if form in FUSED_FORMS else form, slot)
