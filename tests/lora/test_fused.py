@@ -110,6 +110,13 @@ def test_a_pointwise_conv_in_fused_split_returns_a_contiguous_output():
     assert fused(_seeded(*shape)).stride()[0] == 13 * 49  # out + r channels per image
     assert split.candidate_forms(split) == ["weight", "activation", "fused", "fused-split"]
     torch.testing.assert_close(y_split, y_fused, rtol=1e-5, atol=1e-5)
+    x, x_ref = _seeded(*shape).requires_grad_(), _seeded(*shape).requires_grad_()
+    y = split(x)
+    torch.relu_(y)  # in place on the output, as timm's inplace activations do: allowed, and the gradient is right
+    y.sum().backward()
+    torch.relu(fused(x_ref)).sum().backward()
+    assert x.grad.abs().sum() > 0
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
 # A conv that is not 1x1 stride 1; a Linear with out <= in (12 -> 9).
