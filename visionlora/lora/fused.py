@@ -271,7 +271,8 @@ class _FusedPointwiseSplit(Function):
         ctx.save_for_backward(x, p_t, h)
         ctx.scale, ctx.a_shape, ctx.b_shape, ctx.factor_dtype = scale, a.shape, b.shape, a.dtype
         ctx.has_bias = bias is not None
-        return y.view(n, out, height, width)
+        # Over y's storage, not a view of it: autograd forbids in-place ops (timm's inplace activations) on views.
+        return _alias(y, (n, out, height, width), (out * height * width, height * width, width, 1))
 
     @staticmethod
     def backward(ctx, g):
