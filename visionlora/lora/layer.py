@@ -278,12 +278,18 @@ class LoraLayer(nn.Module):
         return self.activation_forward(x, x, slot)
 
     def candidate_forms(self, slot: nn.Module) -> list[str]:
-        """The forms ``form='auto'`` chooses among for ``slot`` (the weight form always exists)."""
+        """The forms ``form='auto'`` chooses among for ``slot`` (the weight form always exists).
+
+        ``fused-split`` is not among them: it is faster than ``fused`` on some layers measured alone (ConvNeXt's
+        stage-0 fc1, ResNet's expanding 1x1 convs), but whole training steps with ``auto`` choosing it per layer
+        were slower than all-fused in 9 of 13 interleaved comparisons over three sessions (6 of 7 in the last:
+        ViT-S 1.13 against 1.03 x floor, ResNet-50 1.22 against 1.14), so it is an explicit form only.
+        """
         forms = ["weight"] if slot.lora_dropout is None else []
         if self._branch_applies(slot):
             forms.append("activation")
         if self.fused_blocker(slot) is None:
-            forms += list(FUSED_FORMS) if self.supports_fused_split else ["fused"]
+            forms.append("fused")
         return forms
 
     def form_name(self, adapter: str | nn.Module | None = None) -> str:
@@ -444,9 +450,8 @@ def _move_members(slot: nn.Module, layer: LoraLayer) -> None:
 
 # A form must be this fraction faster than the fused forms to be chosen over them: they need the fewest FLOPs
 # (no weight gradient, no thin k×k conv in forward, three thin GEMMs instead of six), so a smaller gap is taken
-# for noise: with 10%, single-layer timings on a loaded 2-core machine still flipped 10-20% of the layers. Between
-# the two fused forms (the same backward pass; forward: r extra GEMM columns against a second read of x) the
-# faster one is taken as measured.
+# for noise: with 10%, single-layer timings on a loaded 2-core machine still flipped 10-20% of the layers.
+# (fused-split is not measured: see LoraLayer.candidate_forms.)
 FUSED_MARGIN = 0.25
 
 
@@ -458,8 +463,7 @@ def measure_faster_form(layer: LoraLayer, x: torch.Tensor, adapter: str | nn.Mod
 
     Which form wins depends on the layer's shape, the batch and the device's kernels (a thin k×k conv with r output
     channels is cheap in FLOPs but often slow on CPUs; the fused form's extra r GEMM columns cost little where the
-    kernel is efficient, while ``fused-split`` pays a second read of x for a contiguous output), so it is measured,
-    as cudnn.benchmark does for algorithms.
+    kernel is efficient), so it is measured, as cudnn.benchmark does for algorithms.
     """
     slot = layer.slot(adapter)
     probe = x.detach().requires_grad_(x.requires_grad)
