@@ -22,7 +22,8 @@ overhead. Its forward pass is one GEMM of x with W + ΔW plus h = A·xᵀ as a t
 x, cheap where x is the narrow side); its backward pass gets the input gradient and g_h = s·g·B from one GEMM
 g·[W + ΔW | s·B], so the wide g is read once instead of twice (the input gradient comes back with rows in + r
 apart). A 1x1, stride-1, ungrouped conv is a Linear over each image's pixels and has the same layout
-(:class:`_FusedPointwiseSplit`; ResNet bottlenecks' 1x1 convs). ``form='auto'`` runs ``fused``; this layout is asked for by name (see ``LoraLayer.candidate_forms``).
+(:class:`_FusedPointwiseSplit`; ResNet bottlenecks' 1x1 convs). ``form='auto'`` runs ``fused``; this layout is
+asked for by name (see ``LoraLayer.candidate_forms``).
 
 Not fused (the layer falls back to the weight or activation form, see ``fused_blocker`` of each layer): DoRA
 (m/||W + ΔW|| rescales rows, not linear in x·Aᵀ), LoRA dropout (it drops the LoRA branch's input only, while the
