@@ -135,8 +135,9 @@ def leave_one_out_prototype_loss(features: torch.Tensor, labels: torch.Tensor) -
                          f"{tuple(features.shape)} and {tuple(labels.shape)}")
     features = features.float()
     _, index = torch.unique(labels, return_inverse=True)
-    sums = features.new_zeros(int(index.max()) + 1, features.shape[1]).index_add(0, index, features)
-    counts = torch.bincount(index).to(features.dtype)
+    sums = features.new_zeros(int(index.max()) + 1, features.shape[1])
+    counts = sums.new_zeros(len(sums))
+    add_class_sums(sums, counts, features, index, normalize=False)
     distances = torch.cdist(features, sums / counts[:, None]).square()
     own_count = counts[index]
     queries = own_count > 1
