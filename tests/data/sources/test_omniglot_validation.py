@@ -13,6 +13,7 @@ from visionlora.data.sources.base import SourceOptions
 from visionlora.data.sources.omniglot import (
     VALIDATION_ALPHABETS,
     omniglot_background_unique,
+    rotated_classes,
 )
 from visionlora.data.sources.omniglot_episodes import omniglot_validation_episodes
 
@@ -101,3 +102,37 @@ def test_characters_in_both_splits_are_kept_once(root):
     assert len(names) == 22 + 21 + 3 + 4 and len(images) == 50 * 16  # Greek's second copy dropped
     assert [n for n in names if "Greek" in n] == [f"images_background_small1/Greek/character{c:02d}" for c in (1, 2, 3)]
     assert classification_source("omniglot-unique").list_classes(SourceOptions(root=str(root))) == names
+
+
+def test_rotated_classes_turn_every_character_into_four_classes():
+    images = np.arange(2 * 3 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3, 3)
+    labels, names, files = np.array([1, 0]), ["a", "b"], ["a.png", "b.png"]
+    turned, turned_labels, turned_names, turned_files = rotated_classes(images, labels, names, files, 4)
+    assert turned.shape == (8, 3, 3, 3) and turned.flags.c_contiguous
+    assert turned_labels.tolist() == [1, 0, 3, 2, 5, 4, 7, 6]
+    assert turned_names == ["a", "b", "a@rot90", "b@rot90", "a@rot180", "b@rot180", "a@rot270", "b@rot270"]
+    assert turned_files[2:4] == ["a.png@rot90", "b.png@rot90"]
+    for k in range(4):  # block k is the originals turned k quarter turns counter-clockwise, channels untouched
+        np.testing.assert_array_equal(turned[2 * k:2 * k + 2], np.rot90(images, k, axes=(1, 2)))
+    np.testing.assert_array_equal(turned[2, :, :, 1], np.rot90(images[0, :, :, 1]))
+    assert rotated_classes(images, labels, names, files, 1)[2] == names
+
+
+@pytest.mark.parametrize("turns", [0, 5])
+def test_rotated_classes_refuse_a_turn_count_outside_one_to_four(turns):
+    with pytest.raises(ValueError, match="quarter_turns must be 1-4, got " + str(turns)):
+        rotated_classes(np.zeros((1, 2, 2, 3), np.uint8), np.zeros(1, int), ["a"], ["a.png"], turns)
+
+
+def test_the_rot4_dev_source_lists_what_it_reads_and_holds_the_turned_images(root):
+    options = SourceOptions(root=str(root))
+    dev, rot4 = classification_source("omniglot-dev").read(options), classification_source("omniglot-dev-rot4")
+    pools = rot4.read(options)
+    count = len(dev.class_names)
+    assert rot4.list_classes(options) == pools.class_names and len(pools.class_names) == 4 * count == 28
+    assert pools.class_names[count] == dev.class_names[0] + "@rot90"
+    for split, base in ((pools.train, dev.train), (pools.test, dev.test)):
+        assert len(split) == 4 * len(base) and split.labels[len(base):2 * len(base)].tolist() == (
+            base.labels + count).tolist()
+        np.testing.assert_array_equal(split.images[3 * len(base):], np.rot90(base.images, 3, axes=(1, 2)))
+    assert len(classification_source("omniglot-unique-rot4").list_classes(options)) == 4 * (22 + 21 + 3 + 4)

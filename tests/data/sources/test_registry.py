@@ -27,7 +27,7 @@ from visionlora.data.sources import (
 )
 
 CLASSIFICATION = ("digits", "imagefolder", "digits+omniglot", "omniglot", "omniglot-unique", "omniglot-dev",
-                  "omniglot-unique56", "omniglot-dev56",
+                  "omniglot-unique56", "omniglot-dev56", "omniglot-unique-rot4", "omniglot-dev-rot4",
                   "torchvision:pets",
                   "torchvision:flowers102", "torchvision:aircraft", "torchvision:food101", "torchvision:cars")
 DETECTION = ("synthetic", "synthetic_night", "synthetic_base", "coco")

@@ -27,8 +27,10 @@ from .omniglot import (
     OMNIGLOT,
     OMNIGLOT_DEV,
     OMNIGLOT_DEV_56,
+    OMNIGLOT_DEV_ROT4,
     OMNIGLOT_UNIQUE,
     OMNIGLOT_UNIQUE_56,
+    OMNIGLOT_UNIQUE_ROT4,
 )
 from .synthetic_scenes import SYNTHETIC, SYNTHETIC_BASE, SYNTHETIC_NIGHT
 from .torchvision_sets import SOURCES as TORCHVISION_SOURCES
@@ -91,7 +93,8 @@ def _lookup(table: dict, name: str, task: str):
 
 
 for _source in (DIGITS, IMAGEFOLDER, DIGITS_WITH_OMNIGLOT, OMNIGLOT, OMNIGLOT_UNIQUE, OMNIGLOT_DEV,
-                OMNIGLOT_UNIQUE_56, OMNIGLOT_DEV_56, *TORCHVISION_SOURCES):
+                OMNIGLOT_UNIQUE_56, OMNIGLOT_DEV_56, OMNIGLOT_UNIQUE_ROT4, OMNIGLOT_DEV_ROT4,
+                *TORCHVISION_SOURCES):
     register_classification_source(_source)
 for _source in (SYNTHETIC, SYNTHETIC_NIGHT, SYNTHETIC_BASE, COCO):
     register_detection_source(_source)

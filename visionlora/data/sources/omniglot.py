@@ -324,17 +324,40 @@ def _background_pools(options: SourceOptions) -> ClassificationPools:
                                partial(list, files))
 
 
-def _unique_pools(options: SourceOptions, exclude: tuple[str, ...] = (), render: str = "centred"
-                  ) -> ClassificationPools:
-    images, labels, names, files = omniglot_background_unique(options.root, "train", render, exclude)
-    test_images, test_labels, _, _ = omniglot_background_unique(options.root, "test", render, exclude)
-    return ClassificationPools(names, LabelledImages(images, labels), LabelledImages(test_images, test_labels), None,
+def rotated_classes(images: np.ndarray, labels: np.ndarray, names: list[str], files: list[str],
+                    quarter_turns: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Each character turned by 0, 90, ... degrees as a class of its own: ``quarter_turns`` times the classes.
+
+    The class expansion of Omniglot few-shot training since Santoro et al. 2016 and Vinyals et al. 2016 (used by
+    Snell et al. 2017): a character turned 90 degrees is a new shape, so the features learn from more classes
+    without another image. Class ``k * C + c`` is class ``c`` turned ``k`` quarter turns counter-clockwise (named
+    and identified ``...@rot<degrees>``); ``k = 0`` keeps the original labels, names and files first.
+    """
+    if quarter_turns < 1 or quarter_turns > 4:
+        raise ValueError(f"omniglot: quarter_turns must be 1-4, got {quarter_turns}")
+    count = len(names)
+    turned = [np.rot90(images, k, axes=(1, 2)) for k in range(quarter_turns)]
+    suffixes = [""] + [f"@rot{90 * k}" for k in range(1, quarter_turns)]
+    return (np.ascontiguousarray(np.concatenate(turned)),
+            np.concatenate([labels + k * count for k in range(quarter_turns)]),
+            [name + suffix for suffix in suffixes for name in names],
+            [file + suffix for suffix in suffixes for file in files])
+
+
+def _unique_pools(options: SourceOptions, exclude: tuple[str, ...] = (), render: str = "centred",
+                  quarter_turns: int = 1) -> ClassificationPools:
+    train = rotated_classes(*omniglot_background_unique(options.root, "train", render, exclude), quarter_turns)
+    test = rotated_classes(*omniglot_background_unique(options.root, "test", render, exclude), quarter_turns)
+    images, labels, names, files = train
+    return ClassificationPools(names, LabelledImages(images, labels), LabelledImages(test[0], test[1]), None,
                                partial(list, files))
 
 
-def _unique_classes(options: SourceOptions, exclude: tuple[str, ...] = ()) -> list[str]:
+def _unique_classes(options: SourceOptions, exclude: tuple[str, ...] = (), quarter_turns: int = 1) -> list[str]:
     names = omniglot_background_class_names(options.root)
-    return [names[i] for i in _distinct_characters(names, exclude)]
+    kept = [names[i] for i in _distinct_characters(names, exclude)]
+    suffixes = [""] + [f"@rot{90 * k}" for k in range(1, quarter_turns)]
+    return [name + suffix for suffix in suffixes for name in kept]
 
 
 def _distinct_characters(names: list[str], exclude: tuple[str, ...]) -> list[int]:
@@ -371,12 +394,14 @@ OMNIGLOT = ClassificationSource(
 )
 
 
-def _distinct_source(name: str, exclude: tuple[str, ...] = (), render: str = "centred") -> ClassificationSource:
-    """The drawers of :data:`OMNIGLOT` with each distinct character once, without the alphabets ``exclude``."""
+def _distinct_source(name: str, exclude: tuple[str, ...] = (), render: str = "centred", quarter_turns: int = 1
+                     ) -> ClassificationSource:
+    """The drawers of :data:`OMNIGLOT` with each distinct character once, without the alphabets ``exclude``, each
+    ``quarter_turns`` times (:func:`rotated_classes`)."""
     return ClassificationSource(
         name=name,
-        list_classes=partial(_unique_classes, exclude=exclude),
-        read=partial(_unique_pools, exclude=exclude, render=render),
+        list_classes=partial(_unique_classes, exclude=exclude, quarter_turns=quarter_turns),
+        read=partial(_unique_pools, exclude=exclude, render=render, quarter_turns=quarter_turns),
         selection_column="omniglot_file",
         root_help=_ROOT_HELP,
         preprocessing=OMNIGLOT.preprocessing,
@@ -390,3 +415,6 @@ OMNIGLOT_DEV = _distinct_source("omniglot-dev", exclude=VALIDATION_ALPHABETS)
 # The same two at the 56 px centred render ("centred56"): the runs must then be read with render="centred56".
 OMNIGLOT_UNIQUE_56 = _distinct_source("omniglot-unique56", render="centred56")
 OMNIGLOT_DEV_56 = _distinct_source("omniglot-dev56", exclude=VALIDATION_ALPHABETS, render="centred56")
+# The same two with every character also turned 90, 180 and 270 degrees, each turn a class (968 and 784 classes).
+OMNIGLOT_UNIQUE_ROT4 = _distinct_source("omniglot-unique-rot4", quarter_turns=4)
+OMNIGLOT_DEV_ROT4 = _distinct_source("omniglot-dev-rot4", exclude=VALIDATION_ALPHABETS, quarter_turns=4)
