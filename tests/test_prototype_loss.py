@@ -1,6 +1,8 @@
 """The prototypical pretraining objective: the leave-one-out prototype loss, its class-balanced batches and
 ``LoraClassifier(prototype_loss=...)`` adding it to the cross-entropy."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,15 @@ def test_the_training_loss_is_cross_entropy_plus_the_weighted_prototype_loss():
     torch.testing.assert_close(loss, expected)
     with pytest.raises(ValueError, match="prototype_loss must be >= 0"):
         LoraClassifier("test_resnet", 2, model_args={}, prototype_loss=-1.0)
+
+
+def test_class_balanced_batches_refuse_more_than_one_process():
+    """Every rank would draw the same batches from the same seed (and Lightning cannot shard a batch sampler that
+    is not a BatchSampler): a clear error before training instead of silently repeated data."""
+    data = FewShotDataModule("digits", shots=4, batch_size=10, per_class_in_batch=2, image_size=32)
+    data.setup()
+    data.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match=r"per_class_in_batch=2 .* single process, but the trainer runs 2"):
+        data.train_dataloader()
+    data.trainer = SimpleNamespace(world_size=1)
+    assert len(data.train_dataloader()) == 2

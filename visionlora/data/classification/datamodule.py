@@ -119,7 +119,8 @@ class FewShotDataModule(L.LightningDataModule):
             ``train/`` + ``test/`` split; the split uses a fixed seed, not ``seed``.
         per_class_in_batch: When set (>= 2), every training batch is ``batch_size // per_class_in_batch`` classes
             with this many images each (:class:`~visionlora.data.classification.balanced.ClassBalancedBatchSampler`),
-            as a prototypical loss needs (``LoraClassifier(prototype_loss=...)``); ``None``: plain shuffled batches.
+            as a prototypical loss needs (``LoraClassifier(prototype_loss=...)``); one process only (a trainer of
+            more devices is refused). ``None``: plain shuffled batches.
         run_dir: When set, ``setup`` writes the training selection to ``<run_dir>/fewshot_selection.csv``
             (digits: row of ``sklearn.datasets.load_digits``; ImageFolder and torchvision: path relative to
             ``root``; Omniglot: path inside the archives, ``split/alphabet/character/file.png``).
@@ -244,9 +245,19 @@ class FewShotDataModule(L.LightningDataModule):
             self._restored_streams = None
         if self.per_class_in_batch is None:
             return self._loader("train", transform, self.batch_size, shuffle=True, generator=generator)
+        self._check_single_process()
         labels = self._require_setup()["train"].labels
         batches = ClassBalancedBatchSampler(labels, self.batch_size, self.per_class_in_batch, generator)
         return self._loader("train", transform, self.batch_size, generator=generator, batch_sampler=batches)
+
+    def _check_single_process(self) -> None:
+        # Every rank would draw the same batches from the same seed, and Lightning cannot shard a batch sampler
+        # that is not a torch BatchSampler: refuse before the first step instead of training on repeated data.
+        world_size = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        if world_size > 1:
+            raise ValueError(f"FewShotDataModule: per_class_in_batch={self.per_class_in_batch} (class-balanced "
+                             f"batches) runs in a single process, but the trainer runs {world_size}; use one device "
+                             "or drop per_class_in_batch")
 
     def state_dict(self) -> dict:
         """Where the training loader's shuffle and augmentation streams stand, saved in each Lightning checkpoint.
