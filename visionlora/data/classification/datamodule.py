@@ -253,7 +253,7 @@ class FewShotDataModule(L.LightningDataModule):
     def _check_single_process(self) -> None:
         # Every rank would draw the same batches from the same seed, and Lightning cannot shard a batch sampler
         # that is not a torch BatchSampler: refuse before the first step instead of training on repeated data.
-        world_size = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        world_size = getattr(self.trainer, "world_size", 1)  # no trainer: one process
         if world_size > 1:
             raise ValueError(f"FewShotDataModule: per_class_in_batch={self.per_class_in_batch} (class-balanced "
                              f"batches) runs in a single process, but the trainer runs {world_size}; use one device "

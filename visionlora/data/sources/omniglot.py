@@ -324,6 +324,13 @@ def _background_pools(options: SourceOptions) -> ClassificationPools:
                                partial(list, files))
 
 
+def _turn_suffixes(quarter_turns: int) -> list[str]:
+    """The name suffix of each turn, ``""`` for the original: what listed and read class names both carry."""
+    if quarter_turns < 1 or quarter_turns > 4:
+        raise ValueError(f"omniglot: quarter_turns must be 1-4, got {quarter_turns}")
+    return [""] + [f"@rot{90 * k}" for k in range(1, quarter_turns)]
+
+
 def rotated_classes(images: np.ndarray, labels: np.ndarray, names: list[str], files: list[str],
                     quarter_turns: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Each character turned by 0, 90, ... degrees as a class of its own: ``quarter_turns`` times the classes.
@@ -333,11 +340,11 @@ def rotated_classes(images: np.ndarray, labels: np.ndarray, names: list[str], fi
     without another image. Class ``k * C + c`` is class ``c`` turned ``k`` quarter turns counter-clockwise (named
     and identified ``...@rot<degrees>``); ``k = 0`` keeps the original labels, names and files first.
     """
-    if quarter_turns < 1 or quarter_turns > 4:
-        raise ValueError(f"omniglot: quarter_turns must be 1-4, got {quarter_turns}")
+    suffixes = _turn_suffixes(quarter_turns)
+    if quarter_turns == 1:  # the plain sources: no copy of the images
+        return images, labels, names, files
     count = len(names)
     turned = [np.rot90(images, k, axes=(1, 2)) for k in range(quarter_turns)]
-    suffixes = [""] + [f"@rot{90 * k}" for k in range(1, quarter_turns)]
     return (np.ascontiguousarray(np.concatenate(turned)),
             np.concatenate([labels + k * count for k in range(quarter_turns)]),
             [name + suffix for suffix in suffixes for name in names],
@@ -356,8 +363,7 @@ def _unique_pools(options: SourceOptions, exclude: tuple[str, ...] = (), render:
 def _unique_classes(options: SourceOptions, exclude: tuple[str, ...] = (), quarter_turns: int = 1) -> list[str]:
     names = omniglot_background_class_names(options.root)
     kept = [names[i] for i in _distinct_characters(names, exclude)]
-    suffixes = [""] + [f"@rot{90 * k}" for k in range(1, quarter_turns)]
-    return [name + suffix for suffix in suffixes for name in kept]
+    return [name + suffix for suffix in _turn_suffixes(quarter_turns) for name in kept]
 
 
 def _distinct_characters(names: list[str], exclude: tuple[str, ...]) -> list[int]:
